@@ -1,0 +1,358 @@
+//! Machinery behind [`crate::export_backend!`]. Not a stable interface.
+
+use crate::abi::{self, BlockSize, ExtentSink, Handle, HostApi, Instance, OpenInfo, Param, PluginTable};
+use crate::traits::*;
+use crate::{Error, Params};
+use std::ffi::CStr;
+use std::marker::PhantomData;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::OnceLock;
+
+/// Copy the first `declared` bytes of a peer's table into a zeroed `T`:
+/// fields the peer did not have read as zero / `None`.
+///
+/// # Safety
+/// `src` must point to at least `declared` readable bytes, and an all-zero
+/// `T` must be valid (true for ABI tables: integers, raw pointers and
+/// `Option<fn>`).
+pub unsafe fn copy_prefix<T>(src: *const T, declared: u32) -> T {
+    let mut out = std::mem::MaybeUninit::<T>::zeroed();
+    let n = (declared as usize).min(std::mem::size_of::<T>());
+    // SAFETY: per the caller's contract, `n` bytes are readable at `src`, and
+    // `out` has room for `size_of::<T>() >= n` bytes.
+    unsafe {
+        std::ptr::copy_nonoverlapping(src as *const u8, out.as_mut_ptr() as *mut u8, n);
+        out.assume_init()
+    }
+}
+
+type PwriteFn = unsafe extern "C" fn(Handle, *const u8, u64, u64, u32) -> i32;
+type FlushFn = unsafe extern "C" fn(Handle, u32) -> i32;
+type RangeFn = unsafe extern "C" fn(Handle, u64, u64, u32) -> i32;
+type ExtentsFn = unsafe extern "C" fn(Handle, u64, u64, u32, *mut ExtentSink) -> i32;
+
+/// The optional callbacks found by probing the handle type.
+pub struct OptionalOps {
+    /// [`Pwrite`]
+    pub pwrite: Option<PwriteFn>,
+    /// [`Flush`]
+    pub flush: Option<FlushFn>,
+    /// [`Trim`]
+    pub trim: Option<RangeFn>,
+    /// [`Zero`]
+    pub zero: Option<RangeFn>,
+    /// [`Extents`]
+    pub extents: Option<ExtentsFn>,
+    /// [`Cache`]
+    pub cache: Option<RangeFn>,
+}
+
+/// Autoref-specialisation probe: `(&Probe::<B>::new()).trim_fn()` resolves
+/// to the `Some` implementation when `B::Handle: Trim` and to the `None`
+/// fallback otherwise. Works because the macro names a concrete type.
+pub struct Probe<B>(PhantomData<B>);
+impl<B> Probe<B> {
+    /// A probe for `B`.
+    pub fn new() -> Self {
+        Probe(PhantomData)
+    }
+}
+impl<B> Default for Probe<B> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The probe traits; `use`d by the macro.
+pub mod probes {
+    use super::*;
+    macro_rules! probe {
+        ($has:ident, $no:ident, $method:ident, $tr:ident, $ty:ty, $shim:ident) => {
+            /// Chosen when the handle implements the operation.
+            pub trait $has {
+                /// The callback.
+                fn $method(&self) -> Option<$ty>;
+            }
+            impl<B: Backend> $has for Probe<B>
+            where
+                B::Handle: $tr,
+            {
+                fn $method(&self) -> Option<$ty> {
+                    Some($shim::<B>)
+                }
+            }
+            /// Fallback when it does not.
+            pub trait $no {
+                /// No callback.
+                fn $method(&self) -> Option<$ty> {
+                    None
+                }
+            }
+            impl<B> $no for &Probe<B> {}
+        };
+    }
+    probe!(HasPwrite, NoPwrite, pwrite_fn, Pwrite, PwriteFn, shim_pwrite);
+    probe!(HasFlush, NoFlush, flush_fn, Flush, FlushFn, shim_flush);
+    probe!(HasTrim, NoTrim, trim_fn, Trim, RangeFn, shim_trim);
+    probe!(HasZero, NoZero, zero_fn, Zero, RangeFn, shim_zero);
+    probe!(HasExtents, NoExtents, extents_fn, Extents, ExtentsFn, shim_extents);
+    probe!(HasCache, NoCache, cache_fn, Cache, RangeFn, shim_cache);
+}
+
+/// Run `f`, turning an `Err` into its errno (with the message handed to the
+/// host) and a panic into `EIO`. Nothing unwinds past this point.
+fn guard(what: &str, f: impl FnOnce() -> crate::Result<()>) -> i32 {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => 0,
+        Ok(Err(e)) => {
+            crate::host::set_error(&e.message);
+            e.errno.max(1)
+        }
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic payload".into());
+            let msg = format!("plugin panicked in {what}: {why}");
+            crate::host::error(&msg);
+            crate::host::set_error(&msg);
+            libc::EIO
+        }
+    }
+}
+
+/// # Safety
+/// `h` must be a handle produced by `shim_open::<B>` and not yet closed.
+unsafe fn handle<'a, B: Backend>(h: Handle) -> &'a B::Handle {
+    // SAFETY: per the contract above, `h` is a live `Box<B::Handle>`.
+    unsafe { &*(h as *const B::Handle) }
+}
+
+unsafe extern "C" fn shim_create<B: Backend>(params: *const Param, n: usize, out: *mut Instance) -> i32 {
+    guard("create", || {
+        let mut pairs = Vec::with_capacity(n);
+        for i in 0..n {
+            // SAFETY: the host passes `n` valid pairs of NUL-terminated strings.
+            let p = unsafe { &*params.add(i) };
+            // SAFETY: as above.
+            let (k, v) = unsafe { (CStr::from_ptr(p.key), CStr::from_ptr(p.value)) };
+            pairs.push((k.to_string_lossy().into_owned(), v.to_string_lossy().into_owned()));
+        }
+        let inst = B::create(&Params::from_pairs(pairs))?;
+        // SAFETY: `out` is a valid out-pointer from the host.
+        unsafe { *out = Box::into_raw(Box::new(inst)) as Instance };
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn shim_destroy<B: Backend>(inst: Instance) {
+    guard("destroy", || {
+        // SAFETY: `inst` came from `shim_create::<B>` and is destroyed once.
+        drop(unsafe { Box::from_raw(inst as *mut B) });
+        Ok(())
+    });
+}
+
+unsafe extern "C" fn shim_open<B: Backend>(inst: Instance, info: *const OpenInfo, out: *mut Handle) -> i32 {
+    guard("open", || {
+        // SAFETY: `inst` is live (the host destroys it only after every
+        // handle is closed) and `info` is valid for this call; fields past
+        // the host's declared size read as zero.
+        let (b, info) = unsafe { (&*(inst as *const B), copy_prefix(info, (*info).struct_size)) };
+        let text = |p: *const u8, len: usize| {
+            if p.is_null() {
+                String::new()
+            } else {
+                // SAFETY: host passes `len` readable bytes at `p`.
+                String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(p, len) }).into_owned()
+            }
+        };
+        let ctx = OpenContext {
+            readonly: info.readonly != 0,
+            export_name: text(info.export_name, info.export_name_len),
+            peer: text(info.peer, info.peer_len),
+        };
+        let h = b.open(&ctx)?;
+        // SAFETY: `out` is a valid out-pointer from the host.
+        unsafe { *out = Box::into_raw(Box::new(h)) as Handle };
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn shim_close<B: Backend>(h: Handle) {
+    guard("close", || {
+        // SAFETY: `h` came from `shim_open::<B>` and is closed once.
+        drop(unsafe { Box::from_raw(h as *mut B::Handle) });
+        Ok(())
+    });
+}
+
+unsafe extern "C" fn shim_get_size<B: Backend>(h: Handle, out: *mut u64) -> i32 {
+    // SAFETY: live handle and valid out-pointer (host contract).
+    guard("get_size", || unsafe {
+        *out = handle::<B>(h).get_size()?;
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn shim_block_size<B: Backend>(h: Handle, out: *mut BlockSize) -> i32 {
+    // SAFETY: live handle and valid out-pointer (host contract).
+    guard("block_size", || unsafe {
+        *out = handle::<B>(h).block_size()?.unwrap_or_default();
+        Ok(())
+    })
+}
+
+macro_rules! can_shim {
+    ($name:ident, $method:ident, $conv:expr) => {
+        unsafe extern "C" fn $name<B: Backend>(h: Handle, out: *mut u32) -> i32 {
+            // SAFETY: live handle and valid out-pointer (host contract).
+            guard(stringify!($method), || unsafe {
+                *out = ($conv)(handle::<B>(h).$method()?);
+                Ok(())
+            })
+        }
+    };
+}
+can_shim!(shim_can_write, can_write, |b: bool| b as u32);
+can_shim!(shim_can_flush, can_flush, |b: bool| b as u32);
+can_shim!(shim_is_rotational, is_rotational, |b: bool| b as u32);
+can_shim!(shim_can_trim, can_trim, |b: bool| b as u32);
+can_shim!(shim_can_zero, can_zero, |b: bool| b as u32);
+can_shim!(shim_can_fast_zero, can_fast_zero, |b: bool| b as u32);
+can_shim!(shim_can_fua, can_fua, |s: Support| s as u32);
+can_shim!(shim_can_multi_conn, can_multi_conn, |b: bool| b as u32);
+can_shim!(shim_can_extents, can_extents, |b: bool| b as u32);
+can_shim!(shim_can_cache, can_cache, |s: Support| s as u32);
+
+unsafe extern "C" fn shim_pread<B: Backend>(h: Handle, buf: *mut u8, count: u64, offset: u64, flags: u32) -> i32 {
+    guard("pread", || {
+        // SAFETY: the host passes a writable buffer of `count` bytes.
+        let buf = unsafe { std::slice::from_raw_parts_mut(buf, count as usize) };
+        // SAFETY: live handle.
+        unsafe { handle::<B>(h) }.pread(buf, offset, Flags(flags))
+    })
+}
+
+unsafe extern "C" fn shim_pwrite<B: Backend>(h: Handle, buf: *const u8, count: u64, offset: u64, flags: u32) -> i32
+where
+    B::Handle: Pwrite,
+{
+    guard("pwrite", || {
+        // SAFETY: the host passes a readable buffer of `count` bytes.
+        let buf = unsafe { std::slice::from_raw_parts(buf, count as usize) };
+        // SAFETY: live handle.
+        unsafe { handle::<B>(h) }.pwrite(buf, offset, Flags(flags))
+    })
+}
+
+unsafe extern "C" fn shim_flush<B: Backend>(h: Handle, flags: u32) -> i32
+where
+    B::Handle: Flush,
+{
+    // SAFETY: live handle.
+    guard("flush", || unsafe { handle::<B>(h) }.flush(Flags(flags)))
+}
+
+unsafe extern "C" fn shim_trim<B: Backend>(h: Handle, count: u64, offset: u64, flags: u32) -> i32
+where
+    B::Handle: Trim,
+{
+    // SAFETY: live handle.
+    guard("trim", || unsafe { handle::<B>(h) }.trim(count, offset, Flags(flags)))
+}
+
+unsafe extern "C" fn shim_zero<B: Backend>(h: Handle, count: u64, offset: u64, flags: u32) -> i32
+where
+    B::Handle: Zero,
+{
+    // SAFETY: live handle.
+    guard("zero", || unsafe { handle::<B>(h) }.zero(count, offset, Flags(flags)))
+}
+
+unsafe extern "C" fn shim_cache<B: Backend>(h: Handle, count: u64, offset: u64, flags: u32) -> i32
+where
+    B::Handle: Cache,
+{
+    // SAFETY: live handle.
+    guard("cache", || unsafe { handle::<B>(h) }.cache(count, offset, Flags(flags)))
+}
+
+unsafe extern "C" fn shim_extents<B: Backend>(h: Handle, count: u64, offset: u64, flags: u32, sink: *mut ExtentSink) -> i32
+where
+    B::Handle: Extents,
+{
+    guard("extents", || {
+        // SAFETY: the host passes a valid sink for the duration of the call.
+        let mut list = ExtentList { sink: unsafe { &mut *sink } };
+        // SAFETY: live handle.
+        unsafe { handle::<B>(h) }.extents(count, offset, Flags(flags), &mut list)
+    })
+}
+
+struct TableCell(OnceLock<PluginTable>);
+
+/// Build (once) and return the plugin's table.
+///
+/// # Safety
+/// `host` must be the host's table, valid while the library is loaded.
+pub unsafe fn entry<B: Backend>(host: *const HostApi, ops: OptionalOps) -> *const PluginTable {
+    // One table per cdylib: the macro may be used once per library, so a
+    // single static suffices.
+    static TABLE: TableCell = TableCell(OnceLock::new());
+    if host.is_null() {
+        return std::ptr::null();
+    }
+    // SAFETY: non-null host table from the loader.
+    let major = unsafe { (*host).abi_major };
+    if major != abi::ABI_MAJOR {
+        // A host of another major version would misread our table.
+        return std::ptr::null();
+    }
+    crate::host::install(host);
+    let t = TABLE.0.get_or_init(|| PluginTable {
+        abi_major: abi::ABI_MAJOR,
+        abi_minor: abi::ABI_MINOR,
+        struct_size: std::mem::size_of::<PluginTable>() as u32,
+        kind: abi::PLUGIN_KIND_BACKEND,
+        thread_model: B::THREAD_MODEL as u32,
+        name: B::NAME.as_ptr(),
+        version: B::VERSION.as_ptr(),
+        description: B::DESCRIPTION.as_ptr(),
+        params: B::PARAMS.as_ptr(),
+        n_params: B::PARAMS.len(),
+        create: Some(shim_create::<B>),
+        destroy: Some(shim_destroy::<B>),
+        open: Some(shim_open::<B>),
+        close: Some(shim_close::<B>),
+        get_size: Some(shim_get_size::<B>),
+        block_size: Some(shim_block_size::<B>),
+        can_write: Some(shim_can_write::<B>),
+        can_flush: Some(shim_can_flush::<B>),
+        is_rotational: Some(shim_is_rotational::<B>),
+        can_trim: Some(shim_can_trim::<B>),
+        can_zero: Some(shim_can_zero::<B>),
+        can_fast_zero: Some(shim_can_fast_zero::<B>),
+        can_fua: Some(shim_can_fua::<B>),
+        can_multi_conn: Some(shim_can_multi_conn::<B>),
+        can_extents: Some(shim_can_extents::<B>),
+        can_cache: Some(shim_can_cache::<B>),
+        pread: Some(shim_pread::<B>),
+        pwrite: ops.pwrite,
+        flush: ops.flush,
+        trim: ops.trim,
+        zero: ops.zero,
+        extents: ops.extents,
+        cache: ops.cache,
+    });
+    t as *const PluginTable
+}
+
+// SAFETY: the table holds 'static strings and function pointers only.
+unsafe impl Sync for TableCell {}
+
+#[allow(dead_code)]
+fn _assert_error_is_send(e: Error) -> impl Send {
+    e
+}

@@ -1,0 +1,296 @@
+//! The canonical, C-compatible plugin ABI (version 1).
+//!
+//! Everything in this module is `#[repr(C)]` and is the contract between the
+//! host and a plugin shared object. A plugin exports exactly one symbol,
+//! [`ENTRY_POINT`], of type [`EntryPoint`]. The host calls it once with a
+//! [`HostApi`] table and receives a [`PluginTable`].
+//!
+//! # Compatibility rules (what may change between versions)
+//!
+//! * Both tables start with `abi_major`, `abi_minor` and `struct_size`. The
+//!   reader copies `min(own size, peer's struct_size)` bytes and treats every
+//!   field past that as absent (`None` / zero).
+//! * A **minor** version only *appends* fields at the end of a table. An
+//!   appended callback is always an `Option<fn>`, and absent means
+//!   "unsupported": the host falls back (FUA is emulated with flush, zero with
+//!   write, cache with read or nothing, capabilities are derived from which
+//!   callbacks exist). So a plugin built for 1.0 loads in a 1.7 host, and a
+//!   plugin built for 1.7 loads in a 1.0 host, which ignores the extra fields.
+//! * Fields are never removed, reordered, retyped or given a new meaning
+//!   within a major version. Flag bits are only ever added; a plugin must
+//!   reject nothing because of flag bits it does not know *on capability
+//!   queries*, and the host only passes operation flags the plugin declared it
+//!   understands (via its capabilities).
+//! * A change to any existing field is a new **major** version, and a host
+//!   refuses a plugin whose major differs from its own with a clear message.
+//!
+//! # Conventions
+//! * Every callback returns `i32`: `0` for success or a positive POSIX
+//!   `errno` value (`EIO`, `ENOSPC`, ...). A human-readable message for the
+//!   client may be set beforehand with [`HostApi::set_error`].
+//! * Strings in tables are NUL-terminated UTF-8. Data buffers are pointer +
+//!   length.
+//! * Capability queries write their answer to an out-parameter.
+//! * Panics and C++ exceptions must never unwind through these functions; the
+//!   Rust export macro catches them and returns `EIO`.
+
+use core::ffi::{c_char, c_void};
+
+/// Major version: bumped only for incompatible changes.
+pub const ABI_MAJOR: u16 = 1;
+/// Minor version: bumped when fields are appended to a table.
+pub const ABI_MINOR: u16 = 0;
+
+/// Name of the single symbol a plugin exports (without the trailing NUL).
+pub const ENTRY_POINT: &str = "nbdhost_plugin_entry";
+/// Same as [`ENTRY_POINT`], NUL-terminated, for `dlsym`.
+pub const ENTRY_POINT_CSTR: &[u8] = b"nbdhost_plugin_entry\0";
+
+/// The entry point's type. `host` stays valid for as long as the plugin is
+/// loaded; the returned table must also stay valid (normally a `static`).
+/// Returning NULL refuses the load.
+pub type EntryPoint = unsafe extern "C" fn(host: *const HostApi) -> *const PluginTable;
+
+/// What a table describes.
+pub const PLUGIN_KIND_BACKEND: u32 = 1;
+/// Reserved for the filter table (a layer with a `next` handle below it).
+pub const PLUGIN_KIND_FILTER: u32 = 2;
+
+/// Thread models, from most to least restrictive. The host serialises calls
+/// accordingly; the most restrictive layer of a pipeline wins.
+pub const THREAD_MODEL_SERIALIZE_CONNECTIONS: u32 = 0;
+/// One request at a time across all connections of the export.
+pub const THREAD_MODEL_SERIALIZE_ALL_REQUESTS: u32 = 1;
+/// One request at a time per connection; connections run in parallel.
+pub const THREAD_MODEL_SERIALIZE_REQUESTS: u32 = 2;
+/// Any number of concurrent calls, on any handles.
+pub const THREAD_MODEL_PARALLEL: u32 = 3;
+
+/// Log levels for [`HostApi::log`].
+pub const LOG_ERROR: u32 = 1;
+/// Warning.
+pub const LOG_WARN: u32 = 2;
+/// Informational.
+pub const LOG_INFO: u32 = 3;
+/// Debug (shown when the plugin's debug flag or the host's level allows).
+pub const LOG_DEBUG: u32 = 4;
+
+/// Operation flag: force unit access — the data must be durable on return.
+pub const FLAG_FUA: u32 = 1 << 0;
+/// `zero`: the plugin may deallocate (punch a hole) instead of writing zeros.
+pub const FLAG_MAY_TRIM: u32 = 1 << 1;
+/// `zero`: fail at once with `ENOTSUP` unless zeroing is fast.
+pub const FLAG_FAST_ZERO: u32 = 1 << 2;
+/// `extents`: only the first extent is needed.
+pub const FLAG_REQ_ONE: u32 = 1 << 3;
+
+/// Extent flag: not allocated.
+pub const EXTENT_HOLE: u32 = 1 << 0;
+/// Extent flag: reads as zeros.
+pub const EXTENT_ZERO: u32 = 1 << 1;
+
+/// `can_fua` / `can_cache` answers.
+pub const SUPPORT_NONE: u32 = 0;
+/// The host emulates (FUA with flush, cache with read).
+pub const SUPPORT_EMULATE: u32 = 1;
+/// The plugin handles the flag or operation itself.
+pub const SUPPORT_NATIVE: u32 = 2;
+
+/// Parameter types a plugin can declare. The host validates and normalises
+/// values before `create` sees them (sizes become decimal byte counts,
+/// booleans `true`/`false`, paths absolute).
+pub const PARAM_STRING: u32 = 0;
+/// Signed 64-bit decimal integer.
+pub const PARAM_INT: u32 = 1;
+/// Byte size, with optional K/M/G/T/P suffix (powers of 1024).
+pub const PARAM_SIZE: u32 = 2;
+/// Boolean.
+pub const PARAM_BOOL: u32 = 3;
+/// Filesystem path; relative paths are resolved against the directory of
+/// the config snippet that names them.
+pub const PARAM_PATH: u32 = 4;
+
+/// Services the host offers to a plugin. Each loaded plugin gets its own
+/// table, so `ctx` identifies the plugin (e.g. for log prefixes).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct HostApi {
+    /// Host's [`ABI_MAJOR`].
+    pub abi_major: u16,
+    /// Host's [`ABI_MINOR`].
+    pub abi_minor: u16,
+    /// `size_of::<HostApi>()` as the host compiled it.
+    pub struct_size: u32,
+    /// Opaque; pass back to every host callback.
+    pub ctx: *mut c_void,
+    /// Write a log line attributed to this plugin. `msg` is UTF-8, not
+    /// NUL-terminated.
+    pub log: Option<unsafe extern "C" fn(ctx: *mut c_void, level: u32, msg: *const u8, len: usize)>,
+    /// Attach a message to the error the *current* callback is about to
+    /// return on this thread. It reaches the client in a structured error
+    /// chunk. Ignored if the callback then returns 0.
+    pub set_error: Option<unsafe extern "C" fn(ctx: *mut c_void, msg: *const u8, len: usize)>,
+    /// Non-zero if debug messages of this plugin are wanted.
+    pub debug_enabled: Option<unsafe extern "C" fn(ctx: *mut c_void) -> u32>,
+}
+
+/// One declared parameter of a plugin.
+#[repr(C)]
+pub struct ParamSpec {
+    /// Parameter name as written in a config snippet.
+    pub name: *const c_char,
+    /// One of the `PARAM_*` constants.
+    pub kind: u32,
+    /// Non-zero if the snippet must set it.
+    pub required: u32,
+    /// Default value (NULL for none), in the same syntax as a snippet value.
+    pub default_value: *const c_char,
+    /// One-line help text.
+    pub help: *const c_char,
+}
+
+/// A validated `key = value` pair handed to `create`.
+#[repr(C)]
+pub struct Param {
+    /// Parameter name, NUL-terminated.
+    pub key: *const c_char,
+    /// Normalised value, NUL-terminated.
+    pub value: *const c_char,
+}
+
+/// Per-connection facts passed to `open`.
+#[repr(C)]
+pub struct OpenInfo {
+    /// `size_of::<OpenInfo>()` as the host compiled it; fields past it are
+    /// absent.
+    pub struct_size: u32,
+    /// Non-zero if the export is read-only for this connection.
+    pub readonly: u32,
+    /// Export name the client chose (UTF-8).
+    pub export_name: *const u8,
+    /// Length of `export_name`.
+    pub export_name_len: usize,
+    /// Peer address as text (`127.0.0.1:51234`, `unix`).
+    pub peer: *const u8,
+    /// Length of `peer`.
+    pub peer_len: usize,
+}
+
+/// Block-size constraints of a handle (all zero: no constraints).
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct BlockSize {
+    /// Minimum block size: power of two, 1..=65536.
+    pub minimum: u32,
+    /// Preferred block size: power of two, >= max(minimum, 512).
+    pub preferred: u32,
+    /// Maximum payload of one request, >= preferred.
+    pub maximum: u32,
+}
+
+/// Where `extents` reports what it found. Provided by the host.
+#[repr(C)]
+pub struct ExtentSink {
+    /// Opaque host state.
+    pub ctx: *mut c_void,
+    /// Append one extent. Extents must be contiguous and ascending, starting
+    /// at the requested offset; returns non-zero (an errno) if the extent is
+    /// refused, in which case the plugin should stop and return that value.
+    pub add: unsafe extern "C" fn(ctx: *mut c_void, offset: u64, length: u64, flags: u32) -> i32,
+}
+
+/// Opaque per-export plugin state returned by `create`.
+pub type Instance = *mut c_void;
+/// Opaque per-connection plugin state returned by `open`.
+pub type Handle = *mut c_void;
+
+/// Capability query: writes the answer to `*out`.
+pub type CanFn = unsafe extern "C" fn(h: Handle, out: *mut u32) -> i32;
+
+/// The table a backend plugin's entry point returns (ABI 1.0 layout).
+#[repr(C)]
+pub struct PluginTable {
+    /// Plugin's [`ABI_MAJOR`].
+    pub abi_major: u16,
+    /// Plugin's [`ABI_MINOR`].
+    pub abi_minor: u16,
+    /// `size_of::<PluginTable>()` as the plugin compiled it.
+    pub struct_size: u32,
+    /// [`PLUGIN_KIND_BACKEND`] (filters use a separate table).
+    pub kind: u32,
+    /// One of the `THREAD_MODEL_*` constants.
+    pub thread_model: u32,
+    /// Short name (`memory`).
+    pub name: *const c_char,
+    /// Plugin's own version string.
+    pub version: *const c_char,
+    /// One-line description.
+    pub description: *const c_char,
+    /// Declared parameters (may be NULL when `n_params` is 0).
+    pub params: *const ParamSpec,
+    /// Number of entries in `params`.
+    pub n_params: usize,
+
+    /// Create the per-export state from validated parameters.
+    pub create: Option<unsafe extern "C" fn(params: *const Param, n: usize, out: *mut Instance) -> i32>,
+    /// Destroy the per-export state (after every handle is closed).
+    pub destroy: Option<unsafe extern "C" fn(inst: Instance)>,
+    /// Open a per-connection handle.
+    pub open: Option<unsafe extern "C" fn(inst: Instance, info: *const OpenInfo, out: *mut Handle) -> i32>,
+    /// Close a handle.
+    pub close: Option<unsafe extern "C" fn(h: Handle)>,
+
+    /// Size of the export in bytes.
+    pub get_size: Option<unsafe extern "C" fn(h: Handle, out: *mut u64) -> i32>,
+    /// Block-size constraints (absent: none).
+    pub block_size: Option<unsafe extern "C" fn(h: Handle, out: *mut BlockSize) -> i32>,
+    /// Writable? (absent: true if `pwrite` exists)
+    pub can_write: Option<CanFn>,
+    /// Flush supported? (absent: true if `flush` exists)
+    pub can_flush: Option<CanFn>,
+    /// Rotational media hint (absent: false).
+    pub is_rotational: Option<CanFn>,
+    /// Trim supported? (absent: true if `trim` exists)
+    pub can_trim: Option<CanFn>,
+    /// Zero supported natively? (absent: true if `zero` exists)
+    pub can_zero: Option<CanFn>,
+    /// Fast zero honoured? (absent: true if `zero` exists)
+    pub can_fast_zero: Option<CanFn>,
+    /// FUA support, `SUPPORT_*` (absent: EMULATE if `flush` exists).
+    pub can_fua: Option<CanFn>,
+    /// Safe for several connections (shared or no cache)? (absent: false)
+    pub can_multi_conn: Option<CanFn>,
+    /// Extents meaningful? (absent: true if `extents` exists)
+    pub can_extents: Option<CanFn>,
+    /// Cache support, `SUPPORT_*` (absent: NATIVE if `cache` exists, else NONE).
+    pub can_cache: Option<CanFn>,
+
+    /// Read `count` bytes at `offset` into `buf`. Flags: none defined.
+    pub pread: Option<unsafe extern "C" fn(h: Handle, buf: *mut u8, count: u64, offset: u64, flags: u32) -> i32>,
+    /// Write. Flags: [`FLAG_FUA`] (only if `can_fua` said NATIVE).
+    pub pwrite: Option<unsafe extern "C" fn(h: Handle, buf: *const u8, count: u64, offset: u64, flags: u32) -> i32>,
+    /// Make every completed write durable.
+    pub flush: Option<unsafe extern "C" fn(h: Handle, flags: u32) -> i32>,
+    /// Discard a range. Flags: [`FLAG_FUA`].
+    pub trim: Option<unsafe extern "C" fn(h: Handle, count: u64, offset: u64, flags: u32) -> i32>,
+    /// Write zeros. Flags: [`FLAG_FUA`], [`FLAG_MAY_TRIM`], [`FLAG_FAST_ZERO`].
+    /// Return `ENOTSUP` to make the host fall back to writing zeros (or to
+    /// fail a fast-zero request).
+    pub zero: Option<unsafe extern "C" fn(h: Handle, count: u64, offset: u64, flags: u32) -> i32>,
+    /// Report allocation of `[offset, offset+count)`. Flags: [`FLAG_REQ_ONE`].
+    pub extents: Option<unsafe extern "C" fn(h: Handle, count: u64, offset: u64, flags: u32, sink: *mut ExtentSink) -> i32>,
+    /// Advisory prefetch.
+    pub cache: Option<unsafe extern "C" fn(h: Handle, count: u64, offset: u64, flags: u32) -> i32>,
+}
+
+// SAFETY: the tables hold only pointers to immutable, 'static data (strings,
+// parameter arrays) and function pointers, so sharing them between threads
+// is sound.
+unsafe impl Sync for PluginTable {}
+// SAFETY: as above.
+unsafe impl Sync for ParamSpec {}
+// SAFETY: `ctx` is only ever passed back to the host's own thread-safe
+// callbacks.
+unsafe impl Send for HostApi {}
+// SAFETY: as above.
+unsafe impl Sync for HostApi {}

@@ -1,0 +1,263 @@
+//! `memory` backend: a sparse in-memory disk. Pages are allocated on first
+//! write and freed again by trim/zero, so a 1 TiB export costs only what is
+//! written. One store per export, shared by every connection (hence safe to
+//! advertise multi-conn). Contents vanish when the server exits.
+
+use nbdhost_plugin_api::abi::{EXTENT_HOLE, EXTENT_ZERO};
+use nbdhost_plugin_api::{
+    export_backend, param, Backend, Cache, Connection, Error, ExtentList, Extents, Flags, Flush, OpenContext,
+    ParamKind, Params, Pwrite, Result, Support, Trim, Zero,
+};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+/// Page size of the sparse store. 32 KiB keeps metadata small for large
+/// disks while a 4 KiB random write only allocates one page.
+const PAGE: u64 = 32 * 1024;
+/// Lock shards; pages are spread over them by index so parallel requests
+/// rarely contend.
+const SHARDS: usize = 64;
+
+type Page = Box<[u8]>;
+
+/// The shared sparse store.
+pub struct SparseStore {
+    size: u64,
+    shards: Vec<RwLock<HashMap<u64, Page>>>,
+}
+
+impl SparseStore {
+    /// An all-zero store of `size` bytes.
+    pub fn new(size: u64) -> Self {
+        SparseStore { size, shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect() }
+    }
+
+    fn shard(&self, page: u64) -> &RwLock<HashMap<u64, Page>> {
+        &self.shards[(page as usize) % SHARDS]
+    }
+
+    /// Split `[offset, offset+len)` into per-page pieces:
+    /// (page index, offset within page, length, offset within the request).
+    fn pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64, usize, usize, usize)> {
+        let end = offset + len;
+        let mut pos = offset;
+        std::iter::from_fn(move || {
+            if pos >= end {
+                return None;
+            }
+            let page = pos / PAGE;
+            let in_page = (pos % PAGE) as usize;
+            let n = ((PAGE - pos % PAGE).min(end - pos)) as usize;
+            let item = (page, in_page, n, (pos - offset) as usize);
+            pos += n as u64;
+            Some(item)
+        })
+    }
+
+    fn check(&self, len: u64, offset: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(Error::invalid(format!("range {offset}+{len} is outside the {}-byte disk", self.size))),
+        }
+    }
+
+    /// Read into `buf` from `offset`.
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check(buf.len() as u64, offset)?;
+        for (page, at, n, boff) in Self::pieces(offset, buf.len() as u64) {
+            let dst = &mut buf[boff..boff + n];
+            match self.shard(page).read().unwrap_or_else(|e| e.into_inner()).get(&page) {
+                Some(p) => dst.copy_from_slice(&p[at..at + n]),
+                None => dst.fill(0),
+            }
+        }
+        Ok(())
+    }
+
+    /// Write `buf` at `offset`, allocating pages as needed.
+    pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check(buf.len() as u64, offset)?;
+        for (page, at, n, boff) in Self::pieces(offset, buf.len() as u64) {
+            let mut shard = self.shard(page).write().unwrap_or_else(|e| e.into_inner());
+            let p = shard.entry(page).or_insert_with(|| vec![0u8; PAGE as usize].into_boxed_slice());
+            p[at..at + n].copy_from_slice(&buf[boff..boff + n]);
+        }
+        Ok(())
+    }
+
+    /// Zero a range: whole pages are freed, partial pages zeroed in place.
+    pub fn zero(&self, len: u64, offset: u64) -> Result<()> {
+        self.check(len, offset)?;
+        for (page, at, n, _) in Self::pieces(offset, len) {
+            let mut shard = self.shard(page).write().unwrap_or_else(|e| e.into_inner());
+            if n as u64 == PAGE {
+                shard.remove(&page);
+            } else if let Some(p) = shard.get_mut(&page) {
+                p[at..at + n].fill(0);
+                if p.iter().all(|&b| b == 0) {
+                    shard.remove(&page);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Is the page holding `offset` allocated?
+    fn allocated(&self, page: u64) -> bool {
+        self.shard(page).read().unwrap_or_else(|e| e.into_inner()).contains_key(&page)
+    }
+
+    /// Report extents of `[offset, offset+len)`, merging equal neighbours.
+    pub fn extents(&self, len: u64, offset: u64, req_one: bool, out: &mut ExtentList<'_>) -> Result<()> {
+        self.check(len, offset)?;
+        let end = offset + len;
+        let mut start = offset;
+        let mut state = None;
+        let mut pos = offset;
+        while pos < end {
+            let page = pos / PAGE;
+            let next = ((page + 1) * PAGE).min(end);
+            let flags = if self.allocated(page) { 0 } else { EXTENT_HOLE | EXTENT_ZERO };
+            match state {
+                Some(s) if s == flags => {}
+                Some(s) => {
+                    out.add(start, pos - start, s)?;
+                    if req_one {
+                        return Ok(());
+                    }
+                    start = pos;
+                    state = Some(flags);
+                }
+                None => state = Some(flags),
+            }
+            pos = next;
+        }
+        out.add(start, end - start, state.unwrap_or(0))
+    }
+
+    /// Bytes of page memory currently allocated.
+    pub fn allocated_bytes(&self) -> u64 {
+        self.shards.iter().map(|s| s.read().unwrap_or_else(|e| e.into_inner()).len() as u64 * PAGE).sum()
+    }
+}
+
+/// The per-export plugin state.
+pub struct MemoryBackend {
+    store: Arc<SparseStore>,
+}
+
+/// A connection's handle: a reference to the export's shared store.
+pub struct MemoryHandle {
+    store: Arc<SparseStore>,
+}
+
+impl Backend for MemoryBackend {
+    type Handle = MemoryHandle;
+    const NAME: &'static std::ffi::CStr = c"memory";
+    const VERSION: &'static std::ffi::CStr = c"0.1.0";
+    const DESCRIPTION: &'static std::ffi::CStr = c"sparse RAM disk shared by all connections of the export";
+    const PARAMS: &'static [nbdhost_plugin_api::abi::ParamSpec] =
+        &[param(c"size", ParamKind::Size, true, None, c"disk size in bytes (K/M/G/T suffixes allowed)")];
+
+    fn create(params: &Params) -> Result<Self> {
+        let size = params.size("size")?.ok_or_else(|| Error::invalid("parameter `size` is required"))?;
+        if size > i64::MAX as u64 {
+            return Err(Error::invalid(format!("size {size} is larger than {} bytes", i64::MAX)));
+        }
+        Ok(MemoryBackend { store: Arc::new(SparseStore::new(size)) })
+    }
+
+    fn open(&self, _ctx: &OpenContext) -> Result<MemoryHandle> {
+        Ok(MemoryHandle { store: self.store.clone() })
+    }
+}
+
+impl Connection for MemoryHandle {
+    fn get_size(&self) -> Result<u64> {
+        Ok(self.store.size)
+    }
+    fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
+        self.store.read(buf, offset)
+    }
+    fn can_fua(&self) -> Result<Support> {
+        // RAM is as durable as it gets here: FUA needs no extra work.
+        Ok(Support::Native)
+    }
+    fn can_multi_conn(&self) -> Result<bool> {
+        Ok(true)
+    }
+    fn can_cache(&self) -> Result<Support> {
+        Ok(Support::Native)
+    }
+}
+
+impl Pwrite for MemoryHandle {
+    fn pwrite(&self, buf: &[u8], offset: u64, _flags: Flags) -> Result<()> {
+        self.store.write(buf, offset)
+    }
+}
+
+impl Flush for MemoryHandle {
+    fn flush(&self, _flags: Flags) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl Trim for MemoryHandle {
+    fn trim(&self, count: u64, offset: u64, _flags: Flags) -> Result<()> {
+        self.store.zero(count, offset)
+    }
+}
+
+impl Zero for MemoryHandle {
+    fn zero(&self, count: u64, offset: u64, _flags: Flags) -> Result<()> {
+        // Freeing or zeroing pages is always cheaper than writing zeros, so
+        // fast-zero requests succeed. NO_HOLE (no MAY_TRIM) is honoured too:
+        // a freed page is "allocated" in the sense that matters for RAM.
+        self.store.zero(count, offset)
+    }
+}
+
+impl Extents for MemoryHandle {
+    fn extents(&self, count: u64, offset: u64, flags: Flags, out: &mut ExtentList<'_>) -> Result<()> {
+        self.store.extents(count, offset, flags.req_one(), out)
+    }
+}
+
+impl Cache for MemoryHandle {
+    fn cache(&self, _count: u64, _offset: u64, _flags: Flags) -> Result<()> {
+        Ok(())
+    }
+}
+
+export_backend!(MemoryBackend);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparse_read_write_zero() {
+        let s = SparseStore::new(1 << 20);
+        let mut buf = vec![1u8; 100];
+        s.read(&mut buf, 5000).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        let data: Vec<u8> = (0..70000u32).map(|i| (i % 251) as u8).collect();
+        s.write(&data, 30000).unwrap();
+        let mut back = vec![0u8; data.len()];
+        s.read(&mut back, 30000).unwrap();
+        assert_eq!(back, data);
+        assert_eq!(s.allocated_bytes(), 4 * PAGE);
+        s.zero(70000, 30000).unwrap();
+        s.read(&mut back, 30000).unwrap();
+        assert!(back.iter().all(|&b| b == 0));
+        assert_eq!(s.allocated_bytes(), 0, "fully zeroed pages are freed");
+    }
+
+    #[test]
+    fn out_of_range_is_refused() {
+        let s = SparseStore::new(4096);
+        assert!(s.write(&[0u8; 2], 4095).is_err());
+        assert!(s.read(&mut [0u8; 1], u64::MAX).is_err());
+    }
+}
