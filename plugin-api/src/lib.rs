@@ -24,7 +24,8 @@
 pub mod abi;
 mod error;
 pub mod host;
-mod params;
+/// Parameter declarations and value parsing shared by host and plugins.
+pub mod params;
 mod traits;
 
 #[doc(hidden)]

@@ -1,0 +1,570 @@
+//! Configuration: the server's own settings (flags and an optional main
+//! config file) and one TOML snippet per export in `exports.d/`.
+//!
+//! A snippet looks like this (layers are listed from the client side down;
+//! the last one is the backend):
+//!
+//! ```toml
+//! description = "1 GiB scratch disk in RAM"
+//! readonly = false
+//!
+//! [[layer]]
+//! plugin = "memory"
+//! size = "1G"
+//! ```
+//!
+//! Every error names the file, the line where it can, and the key.
+
+use crate::loader::{LoadedPlugin, ParamInfo};
+use nbdhost_plugin_api::{params::parse_bool, params::parse_size, ParamKind};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// A configuration error, located as precisely as we can.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// File at fault.
+    pub file: PathBuf,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// What is wrong (names the key or layer).
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(file: &Path, line: Option<usize>, message: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.to_path_buf(),
+            line,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "{}:{}: {}", self.file.display(), l, self.message),
+            None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
+    }
+}
+impl std::error::Error for ConfigError {}
+
+/// Several errors at once, so an operator fixes them in one pass.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+impl std::error::Error for ConfigErrors {}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
+}
+
+fn toml_error(file: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let line = e.span().map(|s| line_of(text, s.start));
+    ConfigError::new(file, line, e.message().trim().to_string())
+}
+
+// ------------------------------------------------------------ main config
+
+/// The optional main config file (`--config`). Flags override it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MainConfig {
+    /// TCP addresses to listen on (`host:port`).
+    pub listen: Option<Vec<String>>,
+    /// Unix socket path.
+    pub unix: Option<PathBuf>,
+    /// Plugin directories, searched in order.
+    pub plugin_dir: Option<Vec<PathBuf>>,
+    /// Directory of export snippets.
+    pub exports_dir: Option<PathBuf>,
+    /// error, warn, info, debug or trace.
+    pub log_level: Option<String>,
+    /// Export served to clients that ask for the empty name.
+    pub default_export: Option<String>,
+    /// Seconds a client may take to finish the handshake.
+    pub handshake_timeout: Option<u64>,
+    /// Most simultaneous client connections.
+    pub max_connections: Option<usize>,
+    /// Plugins whose debug messages are shown.
+    pub plugin_debug: Option<Vec<String>>,
+}
+
+impl MainConfig {
+    /// Read and parse `path`; relative paths inside are resolved against its
+    /// directory.
+    pub fn load(path: &Path) -> Result<MainConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(path, None, format!("cannot read: {e}")))?;
+        let mut c: MainConfig = toml::from_str(&text).map_err(|e| toml_error(path, &text, &e))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(d) = c.plugin_dir.as_mut() {
+            d.iter_mut().for_each(fix);
+        }
+        if let Some(d) = c.exports_dir.as_mut() {
+            fix(d);
+        }
+        if let Some(d) = c.unix.as_mut() {
+            fix(d);
+        }
+        Ok(c)
+    }
+}
+
+// ---------------------------------------------------------------- snippets
+
+/// Whether a layer names a backend plugin or a filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerKind {
+    /// A backend (`plugin = "..."`).
+    Plugin,
+    /// A filter (`filter = "..."`).
+    Filter,
+}
+
+/// One parameter as written in a snippet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawParam {
+    /// Key.
+    pub key: String,
+    /// Value as text (integers and booleans stringified).
+    pub value: String,
+    /// Line in the snippet.
+    pub line: usize,
+}
+
+/// One layer of an export's stack.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerSpec {
+    /// Plugin or filter.
+    pub kind: LayerKind,
+    /// Plugin/filter name.
+    pub name: String,
+    /// Parameters in file order.
+    pub params: Vec<RawParam>,
+    /// Line of the layer's `plugin`/`filter` key.
+    pub line: usize,
+    /// 1-based position in the stack (client side first).
+    pub index: usize,
+}
+
+/// An export as described by its snippet (not yet built).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportSpec {
+    /// Export name clients ask for.
+    pub name: String,
+    /// Free text shown by `nbdinfo --list`.
+    pub description: String,
+    /// Refuse writes.
+    pub readonly: bool,
+    /// The snippet file.
+    pub source: PathBuf,
+    /// Layers, client side first; the last is the backend.
+    pub stack: Vec<LayerSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSnippet {
+    name: Option<String>,
+    description: Option<String>,
+    #[serde(default)]
+    readonly: bool,
+    #[serde(default)]
+    layer: Vec<BTreeMap<String, toml::Spanned<toml::Value>>>,
+}
+
+/// Keys of a layer table that are not plugin parameters.
+const LAYER_KEYS: [&str; 2] = ["plugin", "filter"];
+
+/// Check an export name against the protocol's string rules.
+pub fn check_export_name(name: &str) -> Result<(), String> {
+    if name.len() > 4096 {
+        return Err(format!(
+            "export name is {} bytes, over the protocol's 4096-byte limit",
+            name.len()
+        ));
+    }
+    if name.contains('\0') {
+        return Err("export name contains a NUL byte".into());
+    }
+    Ok(())
+}
+
+impl ExportSpec {
+    /// Parse the snippet at `path` (its text given as `text`).
+    pub fn parse(path: &Path, text: &str) -> Result<ExportSpec, ConfigError> {
+        let raw: RawSnippet = toml::from_str(text).map_err(|e| toml_error(path, text, &e))?;
+        let name = match raw.name {
+            Some(n) => n,
+            None => path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .ok_or_else(|| {
+                    ConfigError::new(
+                        path,
+                        None,
+                        "cannot derive an export name from the file name",
+                    )
+                })?,
+        };
+        check_export_name(&name)
+            .map_err(|m| ConfigError::new(path, None, format!("key `name`: {m}")))?;
+        if raw.layer.is_empty() {
+            return Err(ConfigError::new(
+                path,
+                None,
+                format!("export `{name}`: the stack is empty; add a [[layer]] table with `plugin = \"...\"`"),
+            ));
+        }
+        let mut stack = Vec::with_capacity(raw.layer.len());
+        for (i, table) in raw.layer.into_iter().enumerate() {
+            let index = i + 1;
+            let get_name = |key: &str| -> Result<Option<(String, usize)>, ConfigError> {
+                match table.get(key) {
+                    None => Ok(None),
+                    Some(v) => match v.get_ref() {
+                        toml::Value::String(s) => {
+                            Ok(Some((s.clone(), line_of(text, v.span().start))))
+                        }
+                        _ => Err(ConfigError::new(
+                            path,
+                            Some(line_of(text, v.span().start)),
+                            format!("export `{name}`, layer {index}: key `{key}` must be a string"),
+                        )),
+                    },
+                }
+            };
+            let (kind, lname, line) = match (get_name("plugin")?, get_name("filter")?) {
+                (Some((n, l)), None) => (LayerKind::Plugin, n, l),
+                (None, Some((n, l))) => (LayerKind::Filter, n, l),
+                (Some(_), Some((_, l))) => return Err(ConfigError::new(
+                    path,
+                    Some(l),
+                    format!(
+                        "export `{name}`, layer {index}: set either `plugin` or `filter`, not both"
+                    ),
+                )),
+                (None, None) => {
+                    let line = table.values().map(|v| line_of(text, v.span().start)).min();
+                    return Err(ConfigError::new(
+                        path,
+                        line,
+                        format!(
+                            "export `{name}`, layer {index}: missing key `plugin` (or `filter`)"
+                        ),
+                    ));
+                }
+            };
+            let mut params = Vec::new();
+            for (key, v) in &table {
+                if LAYER_KEYS.contains(&key.as_str()) {
+                    continue;
+                }
+                let pline = line_of(text, v.span().start);
+                let value = match v.get_ref() {
+                    toml::Value::String(s) => s.clone(),
+                    toml::Value::Integer(n) => n.to_string(),
+                    toml::Value::Boolean(b) => b.to_string(),
+                    other => {
+                        return Err(ConfigError::new(
+                            path,
+                            Some(pline),
+                            format!(
+                                "export `{name}`, layer {index} ({lname}): key `{key}` must be a string, integer or boolean, not {}",
+                                other.type_str()
+                            ),
+                        ))
+                    }
+                };
+                params.push(RawParam {
+                    key: key.clone(),
+                    value,
+                    line: pline,
+                });
+            }
+            params.sort_by_key(|p| p.line);
+            stack.push(LayerSpec {
+                kind,
+                name: lname,
+                params,
+                line,
+                index,
+            });
+        }
+        let last = stack.last().expect("non-empty");
+        if last.kind == LayerKind::Filter {
+            return Err(ConfigError::new(
+                path,
+                Some(last.line),
+                format!("export `{name}`: the bottom layer `{}` is a filter; a stack must end with a plugin", last.name),
+            ));
+        }
+        if let Some(l) = stack[..stack.len() - 1]
+            .iter()
+            .find(|l| l.kind == LayerKind::Plugin)
+        {
+            return Err(ConfigError::new(
+                path,
+                Some(l.line),
+                format!(
+                    "export `{name}`, layer {}: plugin `{}` can only be the bottom layer",
+                    l.index, l.name
+                ),
+            ));
+        }
+        Ok(ExportSpec {
+            name,
+            description: raw.description.unwrap_or_default(),
+            readonly: raw.readonly,
+            source: path.to_path_buf(),
+            stack,
+        })
+    }
+}
+
+/// Read every `*.toml` snippet in `dir` (sorted by file name). Other files
+/// and hidden files are skipped. All broken snippets are reported together,
+/// as are duplicate export names.
+pub fn load_snippets(dir: &Path) -> Result<Vec<ExportSpec>, ConfigErrors> {
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        ConfigErrors(vec![ConfigError::new(
+            dir,
+            None,
+            format!("cannot read exports directory: {e}"),
+        )])
+    })?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "toml")
+                && !p
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+                && p.is_file()
+        })
+        .collect();
+    files.sort();
+    let mut errors = Vec::new();
+    let mut specs: Vec<ExportSpec> = Vec::new();
+    for f in files {
+        let text = match std::fs::read_to_string(&f) {
+            Ok(t) => t,
+            Err(e) => {
+                errors.push(ConfigError::new(&f, None, format!("cannot read: {e}")));
+                continue;
+            }
+        };
+        match ExportSpec::parse(&f, &text) {
+            Ok(s) => {
+                if let Some(prev) = specs.iter().find(|p| p.name == s.name) {
+                    errors.push(ConfigError::new(
+                        &f,
+                        None,
+                        format!(
+                            "export `{}` is already defined by {}",
+                            s.name,
+                            prev.source.display()
+                        ),
+                    ));
+                } else {
+                    specs.push(s);
+                }
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(specs)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// Check a layer's parameters against the plugin's declarations; returns
+/// normalised `(key, value)` pairs with defaults filled in.
+pub fn validate_params(
+    spec: &ExportSpec,
+    layer: &LayerSpec,
+    plugin: &LoadedPlugin,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let at = |line: usize, msg: String| {
+        ConfigError::new(
+            &spec.source,
+            Some(line),
+            format!(
+                "export `{}`, layer {} ({}): {msg}",
+                spec.name, layer.index, layer.name
+            ),
+        )
+    };
+    let mut out = Vec::new();
+    for p in &layer.params {
+        let Some(decl) = plugin.params.iter().find(|d| d.name == p.key) else {
+            let known: Vec<&str> = plugin.params.iter().map(|d| d.name.as_str()).collect();
+            return Err(at(
+                p.line,
+                format!(
+                    "unknown parameter `{}`; {} takes: {}",
+                    p.key,
+                    layer.name,
+                    if known.is_empty() {
+                        "no parameters".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
+        };
+        let v = normalise_value(decl, &p.value, &spec.source)
+            .map_err(|m| at(p.line, format!("parameter `{}`: {m}", p.key)))?;
+        out.push((p.key.clone(), v));
+    }
+    for d in &plugin.params {
+        if out.iter().any(|(k, _)| k == &d.name) {
+            continue;
+        }
+        match (&d.default, d.required) {
+            (_, true) => {
+                return Err(at(
+                    layer.line,
+                    format!("missing required parameter `{}` ({})", d.name, d.help),
+                ))
+            }
+            (Some(def), false) => {
+                let v = normalise_value(d, def, &spec.source).map_err(|m| {
+                    at(
+                        layer.line,
+                        format!("plugin's default for `{}` is invalid: {m}", d.name),
+                    )
+                })?;
+                out.push((d.name.clone(), v));
+            }
+            (None, false) => {}
+        }
+    }
+    Ok(out)
+}
+
+fn normalise_value(decl: &ParamInfo, v: &str, snippet: &Path) -> Result<String, String> {
+    match decl.kind {
+        ParamKind::String => Ok(v.to_string()),
+        ParamKind::Int => v
+            .trim()
+            .parse::<i64>()
+            .map(|n| n.to_string())
+            .map_err(|_| format!("`{v}` is not an integer")),
+        ParamKind::Size => parse_size(v).map(|n| n.to_string()).ok_or_else(|| {
+            format!("`{v}` is not a size (bytes, or a number with K, M, G, T, P suffix)")
+        }),
+        ParamKind::Bool => parse_bool(v)
+            .map(|b| b.to_string())
+            .ok_or_else(|| format!("`{v}` is not a boolean")),
+        ParamKind::Path => {
+            if v.is_empty() {
+                return Err("empty path".into());
+            }
+            let p = Path::new(v);
+            let abs = if p.is_relative() {
+                snippet.parent().unwrap_or(Path::new(".")).join(p)
+            } else {
+                p.to_path_buf()
+            };
+            Ok(abs.to_string_lossy().into_owned())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ExportSpec, ConfigError> {
+        ExportSpec::parse(Path::new("/etc/nbdhost/exports.d/disk.toml"), text)
+    }
+
+    #[test]
+    fn minimal_snippet() {
+        let s =
+            parse("description = \"d\"\n[[layer]]\nplugin = \"memory\"\nsize = \"1G\"\n").unwrap();
+        assert_eq!(s.name, "disk");
+        assert_eq!(s.description, "d");
+        assert!(!s.readonly);
+        assert_eq!(s.stack.len(), 1);
+        assert_eq!(s.stack[0].name, "memory");
+        assert_eq!(
+            s.stack[0].params,
+            vec![RawParam {
+                key: "size".into(),
+                value: "1G".into(),
+                line: 4
+            }]
+        );
+    }
+
+    #[test]
+    fn typo_names_file_line_and_key() {
+        let e = parse("descrption = \"d\"\n[[layer]]\nplugin = \"memory\"\n").unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("/etc/nbdhost/exports.d/disk.toml:1:"),
+            "{msg}"
+        );
+        assert!(msg.contains("descrption"), "{msg}");
+    }
+
+    #[test]
+    fn structural_errors() {
+        assert!(parse("description = \"x\"\n")
+            .unwrap_err()
+            .message
+            .contains("stack is empty"));
+        let e = parse("[[layer]]\nsize = 3\n").unwrap_err();
+        assert!(e.message.contains("missing key `plugin`"), "{e}");
+        assert_eq!(e.line, Some(2));
+        let e = parse("[[layer]]\nfilter = \"cow\"\n").unwrap_err();
+        assert!(e.message.contains("must end with a plugin"), "{e}");
+        let e =
+            parse("[[layer]]\nplugin = \"file\"\n[[layer]]\nplugin = \"memory\"\n").unwrap_err();
+        assert!(e.message.contains("only be the bottom layer"), "{e}");
+        let e = parse("[[layer]]\nplugin = \"memory\"\nsize = 1.5\n").unwrap_err();
+        assert!(
+            e.message.contains("key `size`") && e.message.contains("float"),
+            "{e}"
+        );
+        let e = parse("readonly = \"yes\"\n[[layer]]\nplugin = \"memory\"\n").unwrap_err();
+        assert_eq!(e.line, Some(1), "{e}");
+    }
+
+    #[test]
+    fn explicit_name_and_values() {
+        let s = parse("name = \"\"\nreadonly = true\n[[layer]]\nplugin = \"file\"\npath = \"a.img\"\ndirect = false\n").unwrap();
+        assert_eq!(s.name, "");
+        assert!(s.readonly);
+        assert_eq!(s.stack[0].params[1].value, "false");
+    }
+}

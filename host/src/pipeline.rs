@@ -1,0 +1,541 @@
+//! The choke point between the protocol and the layers (like nbdkit's
+//! `backend.c`). Every call into a layer goes through [`CheckedLayer`]:
+//! range and permission checks, capability caching, fallbacks for what a
+//! plugin lacks (FUA by flush, zero by write, cache by read), validation of
+//! what the plugin returns, thread-model locking and tracing all live here
+//! once. Filters (when they arrive) reach the layer below through the same
+//! type, so their calls get the same checks.
+
+use crate::error::{NbdErrno, OpError};
+use crate::loader::{PluginError, PluginHandle};
+use nbdhost_plugin_api::abi::{self, BlockSize};
+use nbdhost_plugin_api::ThreadModel;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Largest request payload the host accepts by default (the spec's
+/// interoperable limit, 32 MiB).
+pub const DEFAULT_MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
+
+/// How a capability with an emulated form is provided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Support {
+    /// Not available.
+    None,
+    /// The host provides it on top of other operations.
+    Emulated,
+    /// The layer does it.
+    Native,
+}
+
+/// What a layer can do, queried once when the connection opens it. The
+/// answers are clamped to what the layer's callbacks can deliver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Size in bytes.
+    pub size: u64,
+    /// Writes allowed (plugin side; the export may still be read-only).
+    pub writable: bool,
+    /// FLUSH.
+    pub flush: bool,
+    /// FUA on writes.
+    pub fua: Support,
+    /// TRIM.
+    pub trim: bool,
+    /// WRITE_ZEROES (emulated with writes when not native).
+    pub zero: Support,
+    /// FAST_ZERO can succeed (native zeroing that claims to be fast).
+    pub fast_zero: bool,
+    /// Safe for several connections.
+    pub multi_conn: bool,
+    /// Real allocation information.
+    pub extents: bool,
+    /// CACHE.
+    pub cache: Support,
+    /// Rotational hint.
+    pub rotational: bool,
+    /// Block-size constraints, defaults filled in.
+    pub block_size: BlockSize,
+}
+
+fn yes(v: Option<u32>, default: bool) -> bool {
+    v.map(|v| v != 0).unwrap_or(default)
+}
+
+impl Capabilities {
+    /// Query a plugin handle and clamp its answers to its callbacks.
+    pub fn query(h: &PluginHandle) -> Result<Capabilities, PluginError> {
+        let p = h.provided();
+        let size = h.get_size()?;
+        let writable = p.pwrite && yes(h.can_write()?, true);
+        let flush = p.flush && yes(h.can_flush()?, true);
+        let fua = if !writable {
+            Support::None
+        } else {
+            match h.can_fua()?.unwrap_or(if flush {
+                abi::SUPPORT_EMULATE
+            } else {
+                abi::SUPPORT_NONE
+            }) {
+                abi::SUPPORT_NATIVE => Support::Native,
+                abi::SUPPORT_EMULATE if flush => Support::Emulated,
+                _ => Support::None,
+            }
+        };
+        let trim = writable && p.trim && yes(h.can_trim()?, true);
+        let zero = if !writable {
+            Support::None
+        } else if p.zero && yes(h.can_zero()?, true) {
+            Support::Native
+        } else {
+            Support::Emulated
+        };
+        let fast_zero = zero == Support::Native && yes(h.can_fast_zero()?, true);
+        let extents = p.extents && yes(h.can_extents()?, true);
+        let cache = match h.can_cache()?.unwrap_or(if p.cache {
+            abi::SUPPORT_NATIVE
+        } else {
+            abi::SUPPORT_NONE
+        }) {
+            abi::SUPPORT_NATIVE if p.cache => Support::Native,
+            abi::SUPPORT_NATIVE | abi::SUPPORT_EMULATE => Support::Emulated,
+            _ => Support::None,
+        };
+        let declared = h.block_size()?;
+        let block_size = normalise_block_size(declared).map_err(|m| PluginError {
+            errno: libc::EINVAL,
+            message: format!(
+                "plugin {} declares invalid block sizes: {m}",
+                h.plugin().name
+            ),
+        })?;
+        Ok(Capabilities {
+            size,
+            writable,
+            flush,
+            fua,
+            trim,
+            zero,
+            fast_zero,
+            multi_conn: yes(h.can_multi_conn()?, false),
+            extents,
+            cache,
+            rotational: yes(h.is_rotational()?, false),
+            block_size,
+        })
+    }
+}
+
+/// Fill defaults into declared block sizes and check the spec's rules.
+pub fn normalise_block_size(declared: Option<BlockSize>) -> Result<BlockSize, String> {
+    let Some(b) = declared else {
+        return Ok(BlockSize {
+            minimum: 1,
+            preferred: 4096,
+            maximum: DEFAULT_MAX_PAYLOAD,
+        });
+    };
+    let minimum = if b.minimum == 0 { 1 } else { b.minimum };
+    let preferred = if b.preferred == 0 {
+        4096.max(minimum)
+    } else {
+        b.preferred
+    };
+    let maximum = if b.maximum == 0 {
+        DEFAULT_MAX_PAYLOAD
+    } else {
+        b.maximum.min(DEFAULT_MAX_PAYLOAD)
+    };
+    if !minimum.is_power_of_two() || minimum > 65536 {
+        return Err(format!(
+            "minimum {minimum} must be a power of two up to 65536"
+        ));
+    }
+    if !preferred.is_power_of_two() || preferred < minimum.max(512) {
+        return Err(format!(
+            "preferred {preferred} must be a power of two of at least max(minimum, 512)"
+        ));
+    }
+    if maximum < preferred {
+        return Err(format!(
+            "maximum {maximum} is smaller than preferred {preferred}"
+        ));
+    }
+    Ok(BlockSize {
+        minimum,
+        preferred,
+        maximum,
+    })
+}
+
+/// One extent of a block-status answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Length in bytes (non-zero).
+    pub length: u64,
+    /// `abi::EXTENT_*` flags.
+    pub flags: u32,
+}
+
+/// Serialisation required by the pipeline's thread model.
+#[derive(Clone, Default)]
+pub struct RequestLock(Option<Arc<Mutex<()>>>);
+
+impl RequestLock {
+    /// A lock shared by everyone holding a clone of it.
+    pub fn shared() -> Self {
+        RequestLock(Some(Arc::new(Mutex::new(()))))
+    }
+    /// No serialisation.
+    pub fn none() -> Self {
+        RequestLock(None)
+    }
+    fn enter(&self) -> Option<MutexGuard<'_, ()>> {
+        self.0
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Pick the request lock for a connection given the pipeline's (most
+/// restrictive) thread model: all-requests uses the export's shared lock,
+/// per-connection serialisation a fresh one.
+pub fn request_lock_for(model: ThreadModel, export_lock: &RequestLock) -> RequestLock {
+    match model {
+        ThreadModel::Parallel => RequestLock::none(),
+        ThreadModel::SerializeRequests => RequestLock::shared(),
+        ThreadModel::SerializeAllRequests | ThreadModel::SerializeConnections => {
+            export_lock.clone()
+        }
+    }
+}
+
+/// A connection's view of a layer, with every check applied.
+pub struct CheckedLayer {
+    inner: PluginHandle,
+    caps: Capabilities,
+    readonly: bool,
+    lock: RequestLock,
+    name: String,
+}
+
+/// A buffer of zeros used to emulate WRITE_ZEROES without allocating.
+static ZEROS: [u8; 1 << 20] = [0u8; 1 << 20];
+
+impl CheckedLayer {
+    /// Wrap an opened handle: capabilities are queried here, once.
+    pub fn new(
+        inner: PluginHandle,
+        readonly: bool,
+        lock: RequestLock,
+        name: &str,
+    ) -> Result<Self, OpError> {
+        let caps = Capabilities::query(&inner)?;
+        let readonly = readonly || !caps.writable;
+        Ok(CheckedLayer {
+            inner,
+            caps,
+            readonly,
+            lock,
+            name: name.to_string(),
+        })
+    }
+
+    /// Cached capabilities.
+    pub fn caps(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    /// Whether writes are refused.
+    pub fn readonly(&self) -> bool {
+        self.readonly
+    }
+
+    fn range(
+        &self,
+        count: u64,
+        offset: u64,
+        past_end: NbdErrno,
+        what: &str,
+    ) -> Result<(), OpError> {
+        match offset.checked_add(count) {
+            Some(end) if end <= self.caps.size => Ok(()),
+            _ => Err(OpError::new(
+                past_end,
+                format!(
+                    "{}: {what} {offset}+{count} is beyond the end of the export ({} bytes)",
+                    self.name, self.caps.size
+                ),
+            )),
+        }
+    }
+
+    fn writable(&self, what: &str) -> Result<(), OpError> {
+        if self.readonly {
+            Err(OpError::new(
+                NbdErrno::Perm,
+                format!("{}: {what} on a read-only export", self.name),
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Emulate FUA with a flush after a successful write-type operation.
+    fn after_write(&self, fua: bool) -> Result<(), OpError> {
+        if fua && self.caps.fua == Support::Emulated {
+            self.inner.flush(0)?;
+        }
+        Ok(())
+    }
+
+    fn fua_flag(&self, fua: bool) -> u32 {
+        if fua && self.caps.fua == Support::Native {
+            abi::FLAG_FUA
+        } else {
+            0
+        }
+    }
+
+    /// Read `buf.len()` bytes at `offset`.
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), OpError> {
+        self.range(buf.len() as u64, offset, NbdErrno::Inval, "read")?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let _g = self.lock.enter();
+        log::trace!("{}: pread {}+{}", self.name, offset, buf.len());
+        self.inner.pread(buf, offset, 0).map_err(Into::into)
+    }
+
+    /// Write `buf` at `offset`.
+    pub fn write(&self, buf: &[u8], offset: u64, fua: bool) -> Result<(), OpError> {
+        self.writable("write")?;
+        self.range(buf.len() as u64, offset, NbdErrno::NoSpc, "write")?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let _g = self.lock.enter();
+        log::trace!("{}: pwrite {}+{} fua={}", self.name, offset, buf.len(), fua);
+        self.inner.pwrite(buf, offset, self.fua_flag(fua))?;
+        self.after_write(fua)
+    }
+
+    /// Flush everything written so far.
+    pub fn flush(&self) -> Result<(), OpError> {
+        if !self.caps.flush {
+            return Err(OpError::inval(format!(
+                "{}: flush is not supported",
+                self.name
+            )));
+        }
+        let _g = self.lock.enter();
+        log::trace!("{}: flush", self.name);
+        self.inner.flush(0).map_err(Into::into)
+    }
+
+    /// Trim.
+    pub fn trim(&self, count: u64, offset: u64, fua: bool) -> Result<(), OpError> {
+        self.writable("trim")?;
+        if !self.caps.trim {
+            return Err(OpError::inval(format!(
+                "{}: trim is not supported",
+                self.name
+            )));
+        }
+        self.range(count, offset, NbdErrno::Inval, "trim")?;
+        if count == 0 {
+            return Ok(());
+        }
+        let _g = self.lock.enter();
+        log::trace!("{}: trim {}+{}", self.name, offset, count);
+        self.inner.trim(count, offset, self.fua_flag(fua))?;
+        self.after_write(fua)
+    }
+
+    /// Zero a range. `may_trim`: holes allowed; `fast`: fail with ENOTSUP
+    /// unless it is cheap.
+    pub fn zero(
+        &self,
+        count: u64,
+        offset: u64,
+        may_trim: bool,
+        fast: bool,
+        fua: bool,
+    ) -> Result<(), OpError> {
+        self.writable("write zeroes")?;
+        self.range(count, offset, NbdErrno::NoSpc, "write zeroes")?;
+        if count == 0 {
+            return Ok(());
+        }
+        let _g = self.lock.enter();
+        log::trace!(
+            "{}: zero {}+{} may_trim={} fast={}",
+            self.name,
+            offset,
+            count,
+            may_trim,
+            fast
+        );
+        if self.caps.zero == Support::Native {
+            let mut flags = self.fua_flag(fua);
+            if may_trim {
+                flags |= abi::FLAG_MAY_TRIM;
+            }
+            if fast {
+                flags |= abi::FLAG_FAST_ZERO;
+            }
+            match self.inner.zero(count, offset, flags) {
+                Ok(()) => return self.after_write(fua),
+                Err(e) if e.errno == libc::ENOTSUP || e.errno == libc::EOPNOTSUPP => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if fast {
+            return Err(OpError::new(
+                NbdErrno::NotSup,
+                format!("{}: zeroing this range is not fast here", self.name),
+            ));
+        }
+        let mut done = 0u64;
+        while done < count {
+            let n = (count - done).min(ZEROS.len() as u64) as usize;
+            self.inner.pwrite(&ZEROS[..n], offset + done, 0)?;
+            done += n as u64;
+        }
+        self.after_write(fua)
+    }
+
+    /// Advisory prefetch.
+    pub fn cache(&self, count: u64, offset: u64) -> Result<(), OpError> {
+        self.range(count, offset, NbdErrno::Inval, "cache")?;
+        if count == 0 {
+            return Ok(());
+        }
+        let _g = self.lock.enter();
+        match self.caps.cache {
+            Support::Native => self.inner.cache(count, offset, 0).map_err(Into::into),
+            Support::Emulated => {
+                // Read through the range in bounded chunks, discarding.
+                let mut buf = vec![0u8; count.min(1 << 20) as usize];
+                let mut done = 0;
+                while done < count {
+                    let n = (count - done).min(buf.len() as u64) as usize;
+                    self.inner.pread(&mut buf[..n], offset + done, 0)?;
+                    done += n as u64;
+                }
+                Ok(())
+            }
+            Support::None => Err(OpError::inval(format!(
+                "{}: cache is not supported",
+                self.name
+            ))),
+        }
+    }
+
+    /// Allocation map of `[offset, offset+count)`: at least one extent,
+    /// contiguous from `offset`, never past the end of the export. Without
+    /// extent support the whole range is reported as data.
+    pub fn extents(&self, count: u64, offset: u64, req_one: bool) -> Result<Vec<Extent>, OpError> {
+        self.range(count, offset, NbdErrno::Inval, "block status")?;
+        if count == 0 {
+            return Err(OpError::inval(format!(
+                "{}: block status of zero length",
+                self.name
+            )));
+        }
+        if !self.caps.extents {
+            return Ok(vec![Extent {
+                length: count,
+                flags: 0,
+            }]);
+        }
+        let _g = self.lock.enter();
+        let size = self.caps.size;
+        let mut out: Vec<Extent> = Vec::new();
+        let mut next = offset;
+        let mut bad: Option<String> = None;
+        let mut add = |o: u64, len: u64, flags: u32| -> Result<(), i32> {
+            if next >= size {
+                // Past the end of the export: nothing to describe.
+                return Ok(());
+            }
+            if o != next || len == 0 {
+                bad = Some(format!("extent {o}+{len} does not continue at {next}"));
+                return Err(libc::EINVAL);
+            }
+            let len = len.min(size - o);
+            next = o + len;
+            let flags = flags & (abi::EXTENT_HOLE | abi::EXTENT_ZERO);
+            match out.last_mut() {
+                Some(last) if last.flags == flags => last.length += len,
+                _ => out.push(Extent { length: len, flags }),
+            }
+            Ok(())
+        };
+        let flags = if req_one { abi::FLAG_REQ_ONE } else { 0 };
+        let r = self.inner.extents(count, offset, flags, &mut add);
+        if let Some(why) = bad {
+            return Err(OpError::new(
+                NbdErrno::Io,
+                format!("{}: plugin returned bad extents: {why}", self.name),
+            ));
+        }
+        r?;
+        if out.is_empty() {
+            return Err(OpError::new(
+                NbdErrno::Io,
+                format!("{}: plugin returned no extents", self.name),
+            ));
+        }
+        if req_one {
+            out.truncate(1);
+            out[0].length = out[0].length.min(count);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_size_defaults_and_rules() {
+        let d = normalise_block_size(None).unwrap();
+        assert_eq!(
+            (d.minimum, d.preferred, d.maximum),
+            (1, 4096, DEFAULT_MAX_PAYLOAD)
+        );
+        let b = normalise_block_size(Some(BlockSize {
+            minimum: 512,
+            preferred: 0,
+            maximum: 0,
+        }))
+        .unwrap();
+        assert_eq!((b.minimum, b.preferred), (512, 4096));
+        assert!(normalise_block_size(Some(BlockSize {
+            minimum: 3,
+            preferred: 4096,
+            maximum: 0
+        }))
+        .is_err());
+        assert!(normalise_block_size(Some(BlockSize {
+            minimum: 1 << 17,
+            preferred: 0,
+            maximum: 0
+        }))
+        .is_err());
+        assert!(normalise_block_size(Some(BlockSize {
+            minimum: 512,
+            preferred: 256,
+            maximum: 0
+        }))
+        .is_err());
+        assert!(normalise_block_size(Some(BlockSize {
+            minimum: 512,
+            preferred: 8192,
+            maximum: 4096
+        }))
+        .is_err());
+    }
+}

@@ -1,0 +1,386 @@
+//! The option phase (fixed newstyle). Reads options, answers them, and ends
+//! either in transmission (EXPORT_NAME or a successful GO) or with the
+//! connection closed.
+
+use super::codec::{self, ClientOption, InfoRequest, OptionHeader, ReplyMode};
+use super::consts::*;
+use crate::export::{Export, ExportSet, OpenExport};
+use crate::pipeline::Capabilities;
+use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Largest option payload we parse. INFO/GO with every info type and
+/// meta-context queries fit easily; the cap keeps per-connection memory
+/// bounded whatever the client sends.
+pub const MAX_OPTION_DATA: u32 = 64 * 1024;
+/// Larger payloads up to this size are read and discarded (answered with
+/// ERR_TOO_BIG); beyond it the client is treated as hostile and dropped.
+pub const MAX_OPTION_DISCARD: u32 = 16 * 1024 * 1024;
+
+/// What the handshake settled.
+pub struct Session {
+    /// The export chosen.
+    pub export: Arc<Export>,
+    /// Its pipeline, opened for this connection.
+    pub open: OpenExport,
+    /// Reply framing negotiated.
+    pub mode: ReplyMode,
+    /// Transmission flags sent to the client.
+    pub tflags: u16,
+}
+
+/// Everything the option phase needs from the server.
+pub struct HandshakeContext<'a> {
+    /// Exports on offer (a snapshot; a reload does not disturb us).
+    pub exports: &'a ExportSet,
+    /// Peer address, for logs and plugins.
+    pub peer: &'a str,
+    /// Set once the server is shutting down.
+    pub shutting_down: &'a AtomicBool,
+}
+
+/// Why the option phase ended without transmission.
+#[derive(Debug)]
+pub enum HandshakeEnd {
+    /// The client aborted or went away; nothing wrong.
+    Closed,
+    /// We hung up (protocol violation, EXPORT_NAME that cannot be served).
+    Refused(String),
+}
+
+/// Transmission flags for an export's capabilities and the negotiated state.
+pub fn transmission_flags(caps: &Capabilities, readonly: bool, mode: ReplyMode) -> u16 {
+    use crate::pipeline::Support;
+    let mut f = TFLAG_HAS_FLAGS;
+    if readonly {
+        f |= TFLAG_READ_ONLY;
+    } else {
+        if caps.fua != Support::None {
+            f |= TFLAG_SEND_FUA;
+        }
+        if caps.trim {
+            f |= TFLAG_SEND_TRIM;
+        }
+        // Zeroing is always available on a writable export (emulated with
+        // writes if need be), and a fast-zero request that cannot be fast
+        // fails quickly with ENOTSUP, which the spec allows.
+        f |= TFLAG_SEND_WRITE_ZEROES | TFLAG_SEND_FAST_ZERO;
+    }
+    if caps.flush {
+        f |= TFLAG_SEND_FLUSH;
+    }
+    if caps.rotational {
+        f |= TFLAG_ROTATIONAL;
+    }
+    if mode != ReplyMode::Simple {
+        // READ replies are one content chunk, so DF always holds.
+        f |= TFLAG_SEND_DF;
+    }
+    if caps.multi_conn {
+        f |= TFLAG_CAN_MULTI_CONN;
+    }
+    if caps.cache != Support::None {
+        f |= TFLAG_SEND_CACHE;
+    }
+    f
+}
+
+struct Negotiation<'a, S> {
+    s: &'a mut S,
+    ctx: &'a HandshakeContext<'a>,
+    no_zeroes: bool,
+    mode: ReplyMode,
+    out: Vec<u8>,
+}
+
+type Step = Result<Option<Result<Session, HandshakeEnd>>, io::Error>;
+
+impl<S: Read + Write> Negotiation<'_, S> {
+    fn reply(&mut self, option: u32, kind: u32, payload: &[u8]) -> io::Result<()> {
+        self.out.clear();
+        codec::encode_option_reply(&mut self.out, option, kind, payload);
+        self.s.write_all(&self.out)?;
+        self.s.flush()
+    }
+
+    fn error(&mut self, option: u32, kind: u32, msg: &str) -> io::Result<()> {
+        log::debug!(
+            "{}: option {option} refused ({kind:#x}): {msg}",
+            self.ctx.peer
+        );
+        self.reply(option, kind, codec::clamp_message(msg).as_bytes())
+    }
+
+    fn read_option(&mut self) -> io::Result<Result<(OptionHeader, Vec<u8>), HandshakeEnd>> {
+        let mut h = [0u8; OptionHeader::LEN];
+        match self.s.read_exact(&mut h) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Ok(Err(HandshakeEnd::Closed))
+            }
+            Err(e) => return Err(e),
+        }
+        let hdr = match OptionHeader::parse(&h) {
+            Ok(h) => h,
+            Err(e) => return Ok(Err(HandshakeEnd::Refused(e.to_string()))),
+        };
+        if hdr.length > MAX_OPTION_DATA {
+            if hdr.length > MAX_OPTION_DISCARD {
+                let _ = self.error(hdr.option, REP_ERR_TOO_BIG, "option data too large");
+                return Ok(Err(HandshakeEnd::Refused(format!(
+                    "option {} with {} bytes of data (limit {MAX_OPTION_DISCARD})",
+                    hdr.option, hdr.length
+                ))));
+            }
+            io::copy(&mut (&mut *self.s).take(hdr.length as u64), &mut io::sink())?;
+            self.error(
+                hdr.option,
+                REP_ERR_TOO_BIG,
+                &format!(
+                    "option data of {} bytes is over the {MAX_OPTION_DATA}-byte limit",
+                    hdr.length
+                ),
+            )?;
+            return Ok(Ok((
+                OptionHeader {
+                    option: hdr.option,
+                    length: u32::MAX,
+                },
+                Vec::new(),
+            )));
+        }
+        let mut data = vec![0u8; hdr.length as usize];
+        self.s.read_exact(&mut data)?;
+        Ok(Ok((hdr, data)))
+    }
+
+    fn lookup(&self, name: &str) -> Option<Arc<Export>> {
+        self.ctx.exports.lookup(name)
+    }
+
+    /// Answer INFO or GO. Returns the session for a successful GO.
+    fn info_or_go(&mut self, option: u32, req: &InfoRequest, go: bool) -> Step {
+        let Some(export) = self.lookup(&req.name) else {
+            let msg = if req.name.is_empty() {
+                "there is no default export; ask for one by name (nbdinfo --list shows them)"
+                    .to_string()
+            } else {
+                format!("export `{}` does not exist", req.name)
+            };
+            self.error(option, REP_ERR_UNKNOWN, &msg)?;
+            return Ok(None);
+        };
+        let open = match export.open(self.ctx.peer) {
+            Ok(o) => o,
+            Err(e) => {
+                log::warn!(
+                    "{}: cannot open export `{}`: {}",
+                    self.ctx.peer,
+                    export.name,
+                    e.message
+                );
+                self.error(
+                    option,
+                    REP_ERR_UNKNOWN,
+                    &format!("export `{}` is not available: {}", export.name, e.message),
+                )?;
+                return Ok(None);
+            }
+        };
+        let caps = open.layer.caps().clone();
+        let tflags = transmission_flags(&caps, open.layer.readonly(), self.mode);
+        // Answer in a fixed order so an INFO followed by the same GO gets
+        // byte-identical replies.
+        let mut replies: Vec<Vec<u8>> = vec![codec::info_export(caps.size, tflags)];
+        if req.requests.contains(&INFO_NAME) {
+            replies.push(codec::info_string(INFO_NAME, &export.name));
+        }
+        if req.requests.contains(&INFO_DESCRIPTION) && !export.description.is_empty() {
+            replies.push(codec::info_string(
+                INFO_DESCRIPTION,
+                codec::clamp_message(&export.description),
+            ));
+        }
+        // Block sizes are always sent: clients ignore info they did not ask
+        // for, and those that understand it get our real limits.
+        let b = caps.block_size;
+        replies.push(codec::info_block_size(b.minimum, b.preferred, b.maximum));
+        for r in &replies {
+            self.reply(option, REP_INFO, r)?;
+        }
+        self.reply(option, REP_ACK, &[])?;
+        if go {
+            log::info!(
+                "{}: export `{}` ({} bytes, flags {:#06x}, {:?} replies)",
+                self.ctx.peer,
+                export.name,
+                caps.size,
+                tflags,
+                self.mode
+            );
+            return Ok(Some(Ok(Session {
+                export,
+                open,
+                mode: self.mode,
+                tflags,
+            })));
+        }
+        Ok(None)
+    }
+
+    fn export_name(&mut self, name: &str) -> Step {
+        let Some(export) = self.lookup(name) else {
+            return Ok(Some(Err(HandshakeEnd::Refused(format!(
+                "EXPORT_NAME for unknown export `{name}`"
+            )))));
+        };
+        let open = match export.open(self.ctx.peer) {
+            Ok(o) => o,
+            Err(e) => {
+                return Ok(Some(Err(HandshakeEnd::Refused(format!(
+                    "export `{}` cannot be opened: {}",
+                    export.name, e.message
+                )))))
+            }
+        };
+        let caps = open.layer.caps().clone();
+        let tflags = transmission_flags(&caps, open.layer.readonly(), self.mode);
+        self.s
+            .write_all(&codec::export_name_reply(caps.size, tflags, self.no_zeroes))?;
+        self.s.flush()?;
+        log::info!(
+            "{}: export `{}` ({} bytes, flags {:#06x}, via EXPORT_NAME)",
+            self.ctx.peer,
+            export.name,
+            caps.size,
+            tflags
+        );
+        Ok(Some(Ok(Session {
+            export,
+            open,
+            mode: self.mode,
+            tflags,
+        })))
+    }
+
+    fn list(&mut self, option: u32) -> io::Result<()> {
+        let entries: Vec<Vec<u8>> = self
+            .ctx
+            .exports
+            .iter()
+            .map(|e| codec::rep_server_payload(&e.name, codec::clamp_message(&e.description)))
+            .collect();
+        for p in entries {
+            self.reply(option, REP_SERVER, &p)?;
+        }
+        self.reply(option, REP_ACK, &[])
+    }
+
+    fn step(&mut self) -> Step {
+        let (hdr, data) = match self.read_option()? {
+            Ok(x) => x,
+            Err(end) => return Ok(Some(Err(end))),
+        };
+        if hdr.length == u32::MAX {
+            return Ok(None); // oversized option, already answered
+        }
+        let option = hdr.option;
+        if self.ctx.shutting_down.load(Ordering::Relaxed) && option != OPT_ABORT {
+            if option == OPT_EXPORT_NAME {
+                return Ok(Some(Err(HandshakeEnd::Refused(
+                    "server is shutting down".into(),
+                ))));
+            }
+            self.error(option, REP_ERR_SHUTDOWN, "server is shutting down")?;
+            return Ok(None);
+        }
+        let parsed = match codec::parse_option(option, &data) {
+            Ok(p) => p,
+            Err(codec::InvalidOption(msg)) => {
+                if option == OPT_EXPORT_NAME {
+                    return Ok(Some(Err(HandshakeEnd::Refused(format!(
+                        "bad EXPORT_NAME: {msg}"
+                    )))));
+                }
+                self.error(option, REP_ERR_INVALID, &msg)?;
+                return Ok(None);
+            }
+        };
+        match parsed {
+            ClientOption::ExportName(name) => return self.export_name(&name),
+            ClientOption::Abort => {
+                // The client may already be gone; that is fine.
+                let _ = self.reply(option, REP_ACK, &[]);
+                return Ok(Some(Err(HandshakeEnd::Closed)));
+            }
+            ClientOption::List => self.list(option)?,
+            ClientOption::StartTls => self.error(
+                option,
+                REP_ERR_POLICY,
+                "TLS is not configured on this server",
+            )?,
+            ClientOption::Info(req) => return self.info_or_go(option, &req, false),
+            ClientOption::Go(req) => return self.info_or_go(option, &req, true),
+            ClientOption::StructuredReply => {
+                if self.mode != ReplyMode::Simple {
+                    self.error(
+                        option,
+                        REP_ERR_INVALID,
+                        "structured replies are already negotiated",
+                    )?;
+                } else {
+                    self.mode = ReplyMode::Structured;
+                    self.reply(option, REP_ACK, &[])?;
+                }
+            }
+            ClientOption::ListMetaContext(_) | ClientOption::SetMetaContext(_) => self.error(
+                option,
+                REP_ERR_UNSUP,
+                "metadata contexts are not supported yet",
+            )?,
+            ClientOption::ExtendedHeaders => self.error(
+                option,
+                REP_ERR_UNSUP,
+                "extended headers are not supported yet",
+            )?,
+            ClientOption::Unknown(o) => {
+                self.error(o, REP_ERR_UNSUP, &format!("option {o} is not supported"))?
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Run the option phase on `s`.
+pub fn negotiate<S: Read + Write>(
+    s: &mut S,
+    ctx: &HandshakeContext<'_>,
+) -> io::Result<Result<Session, HandshakeEnd>> {
+    s.write_all(&codec::server_greeting())?;
+    s.flush()?;
+    let mut flags = [0u8; 4];
+    match s.read_exact(&mut flags) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Err(HandshakeEnd::Closed)),
+        Err(e) => return Err(e),
+    }
+    let cf = match codec::parse_client_flags(flags) {
+        Ok(f) => f,
+        Err(e) => return Ok(Err(HandshakeEnd::Refused(e.to_string()))),
+    };
+    // A client without C_FIXED_NEWSTYLE is served as fixed anyway (the spec
+    // allows it); such clients only ever send EXPORT_NAME.
+    let mut n = Negotiation {
+        s,
+        ctx,
+        no_zeroes: cf.no_zeroes,
+        mode: ReplyMode::Simple,
+        out: Vec::with_capacity(256),
+    };
+    loop {
+        if let Some(end) = n.step()? {
+            return Ok(end);
+        }
+    }
+}

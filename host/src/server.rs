@@ -1,0 +1,267 @@
+//! Listening, accepting and running connections; signals and shutdown.
+
+use crate::export::ExportSet;
+use crate::protocol::handshake::{self, HandshakeContext, HandshakeEnd};
+use crate::protocol::transmission::{ReplyWriter, Transmission};
+use crate::transport::Stream;
+use std::collections::HashMap;
+use std::io::{self, BufReader, BufWriter};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+/// Runtime settings of the server.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// TCP addresses.
+    pub listen: Vec<String>,
+    /// Unix socket.
+    pub unix: Option<PathBuf>,
+    /// How long a client may take over the handshake.
+    pub handshake_timeout: Duration,
+    /// Most simultaneous connections.
+    pub max_connections: usize,
+    /// How long shutdown waits for requests in flight.
+    pub shutdown_grace: Duration,
+}
+
+/// The running server's shared state.
+pub struct Server {
+    settings: ServerSettings,
+    exports: RwLock<Arc<ExportSet>>,
+    shutting_down: AtomicBool,
+    active: AtomicUsize,
+    next_id: AtomicU64,
+    /// Clones of live sockets, so shutdown can stop their reads.
+    live: Mutex<HashMap<u64, Stream>>,
+    bound_tcp: Mutex<Vec<SocketAddr>>,
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Server {
+    /// A server offering `exports`.
+    pub fn new(settings: ServerSettings, exports: ExportSet) -> Arc<Server> {
+        Arc::new(Server {
+            settings,
+            exports: RwLock::new(Arc::new(exports)),
+            shutting_down: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
+            next_id: AtomicU64::new(1),
+            live: Mutex::new(HashMap::new()),
+            bound_tcp: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Swap in a new export set; connections already in transmission keep
+    /// the exports they opened.
+    pub fn replace_exports(&self, exports: ExportSet) {
+        *self.exports.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(exports);
+    }
+
+    fn exports(&self) -> Arc<ExportSet> {
+        self.exports
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Bind every listener and start accepting, one thread per listener.
+    pub fn start(self: &Arc<Self>) -> io::Result<Vec<std::thread::JoinHandle<()>>> {
+        let mut listeners = Vec::new();
+        for addr in &self.settings.listen {
+            let l = TcpListener::bind(addr)
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+            let local = l.local_addr()?;
+            log::info!("listening on tcp {local}");
+            self.bound_tcp
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(local);
+            listeners.push(Listener::Tcp(l));
+        }
+        if let Some(path) = &self.settings.unix {
+            // A socket file left by a dead server is removed; a live one is not.
+            if path.exists() && UnixStream::connect(path).is_err() {
+                let _ = std::fs::remove_file(path);
+            }
+            let l = UnixListener::bind(path).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on unix socket {}: {e}", path.display()),
+                )
+            })?;
+            log::info!("listening on unix {}", path.display());
+            listeners.push(Listener::Unix(l, path.clone()));
+        }
+        let mut threads = Vec::new();
+        for l in listeners {
+            let me = self.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("accept".into())
+                    .spawn(move || me.accept_loop(l))?,
+            );
+        }
+        Ok(threads)
+    }
+
+    fn accept_loop(self: Arc<Self>, l: Listener) {
+        loop {
+            let accepted = match &l {
+                Listener::Tcp(t) => t.accept().map(|(s, a)| {
+                    let _ = s.set_nodelay(true);
+                    (Stream::Tcp(s), a.to_string())
+                }),
+                Listener::Unix(u, _) => u
+                    .accept()
+                    .map(|(s, _)| (Stream::Unix(s), "unix".to_string())),
+            };
+            if self.shutting_down.load(Ordering::SeqCst) {
+                if let Listener::Unix(_, p) = &l {
+                    let _ = std::fs::remove_file(p);
+                }
+                return;
+            }
+            match accepted {
+                Ok((s, peer)) => self.admit(s, peer),
+                Err(e) => {
+                    log::warn!("accept failed: {e}");
+                    // EMFILE and friends: back off instead of spinning.
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+
+    fn admit(self: &Arc<Self>, s: Stream, peer: String) {
+        let n = self.active.fetch_add(1, Ordering::SeqCst) + 1;
+        if n > self.settings.max_connections {
+            self.active.fetch_sub(1, Ordering::SeqCst);
+            log::warn!(
+                "{peer}: refused, {} connections already (max_connections)",
+                n - 1
+            );
+            let _ = s.shutdown(Shutdown::Both);
+            return;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if let Ok(c) = s.try_clone() {
+            self.live
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id, c);
+        }
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("conn-{id}"))
+            .spawn(move || {
+                log::debug!("{peer}: connected");
+                if let Err(e) = me.serve_connection(s, &peer) {
+                    log::debug!("{peer}: connection ended: {e}");
+                }
+                log::debug!("{peer}: disconnected");
+                me.live
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+                me.active.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            log::error!("cannot start a thread for a connection: {e}");
+            self.live
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            self.active.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    fn serve_connection(&self, mut s: Stream, peer: &str) -> io::Result<()> {
+        s.set_read_timeout(Some(self.settings.handshake_timeout))?;
+        let exports = self.exports();
+        let ctx = HandshakeContext {
+            exports: &exports,
+            peer,
+            shutting_down: &self.shutting_down,
+        };
+        let session = match handshake::negotiate(&mut s, &ctx) {
+            Ok(Ok(session)) => session,
+            Ok(Err(HandshakeEnd::Closed)) => return Ok(()),
+            Ok(Err(HandshakeEnd::Refused(why))) => {
+                log::warn!("{peer}: handshake refused: {why}");
+                return Ok(());
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                log::warn!(
+                    "{peer}: handshake not finished within {:?}; disconnecting",
+                    self.settings.handshake_timeout
+                );
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        s.set_read_timeout(None)?;
+        let reader = BufReader::with_capacity(128 * 1024, s.try_clone()?);
+        let writer = ReplyWriter::new(
+            BufWriter::with_capacity(128 * 1024, s.try_clone()?),
+            session.mode,
+        );
+        let mut t = Transmission::new(&session, peer, &self.shutting_down);
+        let r = t.serve(reader, &writer);
+        drop(writer);
+        let _ = s.shutdown(Shutdown::Both);
+        r
+    }
+
+    /// Stop accepting, let requests in flight finish, and wait up to the
+    /// grace period for connections to close.
+    pub fn shutdown(&self) {
+        if self.shutting_down.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        log::info!("shutting down: no new connections, finishing requests in flight");
+        // Wake the accept loops.
+        for a in self
+            .bound_tcp
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = TcpStream::connect_timeout(a, Duration::from_millis(200));
+        }
+        if let Some(p) = &self.settings.unix {
+            let _ = UnixStream::connect(p);
+        }
+        // Stop reading new requests; replies to requests being served can
+        // still be written.
+        for s in self.live.lock().unwrap_or_else(|e| e.into_inner()).values() {
+            let _ = s.shutdown(Shutdown::Read);
+        }
+        let deadline = Instant::now() + self.settings.shutdown_grace;
+        while self.active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let left = self.active.load(Ordering::SeqCst);
+        if left > 0 {
+            log::warn!(
+                "{left} connection(s) still busy after {:?}; closing them",
+                self.settings.shutdown_grace
+            );
+            for s in self.live.lock().unwrap_or_else(|e| e.into_inner()).values() {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }
+    }
+}
