@@ -1,1 +1,7 @@
-fn main() {}
+//! End-to-end tests: the real `nbdhost` binary, real NBD clients.
+//! Build first with `cargo build --workspace` (tests/run.sh does it all).
+
+mod clients;
+mod config_errors;
+mod lifecycle;
+mod plugins;

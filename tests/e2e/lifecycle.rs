@@ -1,0 +1,163 @@
+//! Serving many clients, shutting down cleanly, and surviving hostile input.
+
+use nbdhost_tests::*;
+use std::time::{Duration, Instant};
+
+fn mem(ex: &Exports) {
+    ex.snippet("mem", "[[layer]]\nplugin = \"memory\"\nsize = \"64M\"\n");
+}
+
+#[test]
+fn sigterm_exits_zero_promptly_with_an_idle_client_connected() {
+    let ex = Exports::new();
+    mem(&ex);
+    let mut srv = Server::start(&ex, &[]);
+    let mut idle = Raw::fixed(&srv.addr);
+    idle.go("mem");
+    let mut hs = Raw::connect(&srv.addr); // stuck mid-handshake
+    let _ = hs.try_read(18);
+    let t = Instant::now();
+    let st = srv.terminate();
+    assert!(st.success(), "exit status {st}:\n{}", srv.log());
+    assert!(t.elapsed() < Duration::from_secs(5), "shutdown took {:?}", t.elapsed());
+    assert!(idle.closed(), "idle client not disconnected");
+}
+
+#[test]
+fn sixty_four_clients_at_once_keep_their_data_apart() {
+    if !require_python_nbd() {
+        return;
+    }
+    let ex = Exports::new();
+    mem(&ex);
+    let srv = Server::start(&ex, &[]);
+    let o = python(
+        r#"
+import nbd, sys, threading, os
+uri = sys.argv[1]
+N = 64
+errors = []
+def client(i):
+    try:
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        base = i * (1 << 20)
+        blob = bytes([(i * 7 + j) % 256 for j in range(256)]) * 256  # 64 KiB
+        for k in range(8):
+            h.pwrite(blob, base + k * 65536)
+        h.flush()
+        for k in range(8):
+            if h.pread(65536, base + k * 65536) != blob:
+                errors.append("client %d block %d differs" % (i, k))
+        h.shutdown()
+    except Exception as e:
+        errors.append("client %d: %r" % (i, e))
+ts = [threading.Thread(target=client, args=(i,)) for i in range(N)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+# Everyone's data is still where they put it, seen from a fresh connection.
+h = nbd.NBD()
+h.connect_uri(uri)
+for i in range(N):
+    blob = bytes([(i * 7 + j) % 256 for j in range(256)]) * 256
+    if h.pread(65536, i * (1 << 20) + 7 * 65536) != blob:
+        errors.append("final check %d" % i)
+print("errors:", errors[:5])
+sys.exit(1 if errors else 0)
+"#,
+        &[&srv.uri("mem")],
+    );
+    assert!(o.status.success(), "{}{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr), srv.log());
+}
+
+#[test]
+fn hostile_handshakes_are_dropped_and_others_keep_being_served() {
+    let ex = Exports::new();
+    mem(&ex);
+    let mut srv = Server::start(&ex, &[]);
+    // Unknown client flag bits: the server must close.
+    let mut r = Raw::connect(&srv.addr);
+    r.greet(0x8000_0003);
+    assert!(r.closed(), "unknown client flags accepted");
+    // Bad option magic.
+    let mut r = Raw::fixed(&srv.addr);
+    r.send(b"IHAVEOPX\0\0\0\x03\0\0\0\0");
+    assert!(r.closed(), "bad option magic accepted");
+    // A 2 GiB option length is refused at once, without reading it.
+    let mut r = Raw::fixed(&srv.addr);
+    r.send(b"IHAVEOPT\0\0\0\x06\x80\0\0\0");
+    let (opt, kind, _) = r.opt_reply();
+    assert_eq!((opt, kind), (6, 0x8000_0009), "ERR_TOO_BIG expected");
+    assert!(r.closed());
+    // An unknown option gets ERR_UNSUP and negotiation continues.
+    let mut r = Raw::fixed(&srv.addr);
+    r.option(4242, b"some data to skip");
+    assert_eq!(r.opt_reply().1, 0x8000_0001);
+    let (size, flags) = r.go("mem");
+    assert_eq!(size, 64 << 20);
+    assert_eq!(flags & 1, 1, "HAS_FLAGS");
+    // Garbage in transmission: bad request magic closes this connection only.
+    r.send(&[0xffu8; 28]);
+    assert!(r.closed());
+    // A client vanishing mid-payload.
+    let mut r = Raw::fixed(&srv.addr);
+    r.go("mem");
+    r.request(0, 1, 1, 0, 1 << 20, &[1u8; 1000]);
+    drop(r);
+    // The server is still fine.
+    let mut ok = Raw::fixed(&srv.addr);
+    ok.go("mem");
+    ok.request(0, 1, 9, 4096, 512, &[7u8; 512]);
+    assert_eq!(ok.simple_reply(), (0, 9));
+    ok.request(0, 0, 10, 4096, 512, &[]);
+    assert_eq!(ok.simple_reply(), (0, 10));
+    let data = ok.try_read(512).expect("read data");
+    assert!(data.iter().all(|&b| b == 7));
+    assert!(srv.alive());
+}
+
+#[test]
+fn write_to_a_read_only_export_is_eperm_and_its_payload_is_consumed() {
+    let ex = Exports::new();
+    ex.snippet("ro", "readonly = true\n[[layer]]\nplugin = \"memory\"\nsize = \"1M\"\n");
+    let srv = Server::start(&ex, &[]);
+    let mut r = Raw::fixed(&srv.addr);
+    let (_, flags) = r.go("ro");
+    assert_eq!(flags & 2, 2, "READ_ONLY flag");
+    r.request(0, 1, 77, 0, 4096, &[0x55u8; 4096]);
+    assert_eq!(r.simple_reply(), (1, 77), "EPERM");
+    // Framing kept: the next request is understood.
+    r.request(0, 0, 78, 0, 16, &[]);
+    assert_eq!(r.simple_reply(), (0, 78));
+    assert_eq!(r.try_read(16).unwrap(), vec![0u8; 16]);
+    // Write past the end of a writable export: ENOSPC; read past it: EINVAL.
+    let ex2 = Exports::new();
+    ex2.snippet("rw", "[[layer]]\nplugin = \"memory\"\nsize = \"1M\"\n");
+    let srv2 = Server::start(&ex2, &[]);
+    let mut w = Raw::fixed(&srv2.addr);
+    w.go("rw");
+    w.request(0, 1, 1, (1 << 20) - 256, 512, &[1u8; 512]);
+    assert_eq!(w.simple_reply(), (28, 1), "ENOSPC");
+    w.request(0, 0, 2, (1 << 20) - 256, 512, &[]);
+    assert_eq!(w.simple_reply(), (22, 2), "EINVAL");
+    w.request(0, 99, 3, 0, 0, &[]);
+    assert_eq!(w.simple_reply(), (22, 3), "unknown command: EINVAL");
+    w.request(0x8000, 0, 4, 0, 512, &[]);
+    assert_eq!(w.simple_reply(), (22, 4), "unknown flag: EINVAL");
+    // DISC: the server closes after it.
+    w.request(0, 2, 5, 0, 0, &[]);
+    assert!(w.closed());
+}
+
+#[test]
+fn a_handshake_that_stalls_is_timed_out() {
+    let ex = Exports::new();
+    mem(&ex);
+    let srv = Server::start(&ex, &["--handshake-timeout", "1"]);
+    let mut r = Raw::connect(&srv.addr);
+    let _ = r.try_read(18);
+    let t = Instant::now();
+    assert!(r.closed(), "stalled handshake not dropped");
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert!(srv.log().contains("handshake not finished"), "{}", srv.log());
+}

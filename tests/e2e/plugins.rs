@@ -1,0 +1,188 @@
+//! Plugins built outside the workspace, panicking and failing plugins, and
+//! clear errors for plugins that cannot be loaded.
+
+use nbdhost_tests::*;
+
+fn faulty_server(ex: &Exports) -> Server {
+    let dir = build_test_plugin("faulty");
+    ex.snippet("bad", "description = \"misbehaving test plugin\"\n[[layer]]\nplugin = \"faulty\"\nsize = \"16M\"\n");
+    ex.snippet("mem", "[[layer]]\nplugin = \"memory\"\nsize = \"1M\"\n");
+    let art = artifacts();
+    Server::start(ex, &["--plugin-dir", dir.to_str().unwrap(), "--plugin-dir", art.to_str().unwrap()])
+}
+
+#[test]
+fn out_of_tree_plugin_is_loaded_from_the_named_plugin_dir() {
+    if !require_tool("nbdinfo") {
+        return;
+    }
+    let ex = Exports::new();
+    let srv = faulty_server(&ex);
+    let out = run_ok("nbdinfo", &["--size", &srv.uri("bad")]);
+    assert_eq!(out.trim(), (16u64 << 20).to_string());
+    assert!(srv.log().contains("export `bad`: faulty"), "{}", srv.log());
+}
+
+const PANIC_SCRIPT: &str = r#"
+import nbd, sys, threading
+uri = sys.argv[1]
+h = nbd.NBD()
+h.set_debug(True)  # libnbd logs the server's structured error messages
+h.connect_uri(uri)
+h.pwrite(b"\xab" * 4096, 0)
+assert h.pread(4096, 0) == b"\xab" * 4096
+
+# A read that makes the plugin panic fails with EIO and a message...
+try:
+    h.pread(4096, 1 << 20)
+    print("FAIL: panicking read succeeded")
+    sys.exit(1)
+except nbd.Error as e:
+    assert e.errno == "EIO", e.errno
+    print("panic ->", e.string)
+
+# ...and the same connection keeps working.
+assert h.pread(4096, 0) == b"\xab" * 4096
+
+# An error returned by the plugin reaches the client with its message.
+try:
+    h.pread(512, 2 << 20)
+    print("FAIL: failing read succeeded")
+    sys.exit(1)
+except nbd.Error as e:
+    assert e.errno == "EIO", e.errno
+    print("error ->", e.string)
+
+# Panics on several connections at once do not disturb the others.
+errors = []
+def worker(i):
+    try:
+        g = nbd.NBD()
+        g.connect_uri(uri)
+        for _ in range(20):
+            try:
+                g.pread(4096, 1 << 20)
+                errors.append("panic read succeeded")
+            except nbd.Error as e:
+                if e.errno != "EIO":
+                    errors.append("errno %s" % e.errno)
+            if g.pread(4096, 0) != b"\xab" * 4096:
+                errors.append("bad data")
+        g.shutdown()
+    except Exception as e:
+        errors.append(repr(e))
+ts = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+assert not errors, errors
+h.shutdown()
+print("OK")
+"#;
+
+#[test]
+fn panicking_plugin_fails_one_request_and_the_server_keeps_serving() {
+    if !require_python_nbd() {
+        return;
+    }
+    let ex = Exports::new();
+    let mut srv = faulty_server(&ex);
+    let o = python(PANIC_SCRIPT, &[&srv.uri("bad")]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    let debug = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && out.contains("OK"), "{out}\n{debug}\nserver log:\n{}", srv.log());
+    // The plugin's messages reached the client in structured error chunks.
+    assert!(
+        debug.contains("structured error server message: plugin panicked in pread: faulty plugin: deliberate panic reading offset 1048576"),
+        "{debug}"
+    );
+    assert!(debug.contains("structured error server message: faulty plugin: injected failure at offset 2097152"), "{debug}");
+    assert!(srv.alive(), "server died:\n{}", srv.log());
+    // Other exports are untouched.
+    let o = python(
+        "import nbd,sys\nh=nbd.NBD()\nh.connect_uri(sys.argv[1])\nh.pwrite(b'z'*512,0)\nassert h.pread(512,0)==b'z'*512\nprint('OK')",
+        &[&srv.uri("mem")],
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).contains("OK"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(srv.log().contains("plugin panicked in pread"), "panic not logged:\n{}", srv.log());
+}
+
+#[test]
+fn qemu_io_sees_eio_for_a_panicking_block_and_reads_the_rest() {
+    if !require_tool("qemu-io") {
+        return;
+    }
+    let ex = Exports::new();
+    let mut srv = faulty_server(&ex);
+    let o = run("qemu-io", &["-f", "raw", "-c", "read 1M 4k", &srv.uri("bad")]);
+    let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(text.contains("Input/output error"), "{text}");
+    run_ok("qemu-io", &["-f", "raw", "-c", "read -P 0 0 1M", "-c", "read -P 0 3M 1M", &srv.uri("bad")]);
+    assert!(srv.alive());
+}
+
+fn check(ex: &Exports, extra: &[&str]) -> (bool, String) {
+    let mut args = vec!["--check", "--exports-dir"];
+    let d = ex.dir_str();
+    args.push(&d);
+    args.extend_from_slice(extra);
+    let o = run(nbdhost_bin().to_str().unwrap(), &args);
+    (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned() + &String::from_utf8_lossy(&o.stdout))
+}
+
+#[test]
+fn a_missing_plugin_is_a_clear_error_naming_the_dirs_searched() {
+    let ex = Exports::new();
+    ex.snippet("x", "[[layer]]\nplugin = \"nosuch\"\n");
+    let (ok, text) = check(&ex, &["--plugin-dir", "/nonexistent/plugins"]);
+    assert!(!ok);
+    assert!(text.contains("x.toml:2"), "{text}");
+    assert!(text.contains("plugin `nosuch` not found"), "{text}");
+    assert!(text.contains("/nonexistent/plugins"), "{text}");
+    assert!(text.contains("nosuch.so"), "{text}");
+}
+
+#[test]
+fn shared_objects_that_are_not_plugins_are_refused_with_the_reason() {
+    let ex = Exports::new();
+    let plugdir = ex.path("plugins");
+    std::fs::create_dir(&plugdir).unwrap();
+    // Not an ELF file at all: the dlopen error text is shown.
+    std::fs::write(plugdir.join("garbage.so"), b"this is not a shared object").unwrap();
+    ex.snippet("g", "[[layer]]\nplugin = \"garbage\"\n");
+    let (ok, text) = check(&ex, &["--plugin-dir", plugdir.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(text.contains("garbage.so") && text.contains("cannot load"), "{text}");
+
+    // A real shared object without our entry point.
+    let libm = ["/lib/x86_64-linux-gnu/libm.so.6", "/usr/lib/x86_64-linux-gnu/libm.so.6", "/lib64/libm.so.6", "/usr/lib64/libm.so.6"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("a libm to use as a non-plugin shared object");
+    std::fs::remove_file(ex.path("g.toml")).unwrap();
+    std::os::unix::fs::symlink(libm, plugdir.join("libmath.so")).unwrap();
+    ex.snippet("m", "[[layer]]\nplugin = \"libmath\"\n");
+    let (ok, text) = check(&ex, &["--plugin-dir", plugdir.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(text.contains("not an nbdhost plugin") && text.contains("nbdhost_plugin_entry"), "{text}");
+}
+
+#[test]
+fn plugin_parameters_are_validated_against_the_plugins_declarations() {
+    let ex = Exports::new();
+    ex.snippet("m", "[[layer]]\nplugin = \"memory\"\nszie = \"1G\"\n");
+    let (ok, text) = check(&ex, &[]);
+    assert!(!ok);
+    assert!(text.contains("m.toml:3") && text.contains("unknown parameter `szie`") && text.contains("takes: size"), "{text}");
+
+    std::fs::remove_file(ex.path("m.toml")).unwrap();
+    ex.snippet("m", "[[layer]]\nplugin = \"memory\"\nsize = \"lots\"\n");
+    let (ok, text) = check(&ex, &[]);
+    assert!(!ok);
+    assert!(text.contains("m.toml:3") && text.contains("parameter `size`") && text.contains("`lots` is not a size"), "{text}");
+
+    std::fs::remove_file(ex.path("m.toml")).unwrap();
+    ex.snippet("m", "[[layer]]\nplugin = \"memory\"\n");
+    let (ok, text) = check(&ex, &[]);
+    assert!(!ok);
+    assert!(text.contains("missing required parameter `size`"), "{text}");
+}

@@ -1,0 +1,80 @@
+//! `faulty`: an in-memory disk that misbehaves on purpose, for tests.
+//!
+//! * reading any byte of `[panic_at, panic_at + 4096)` panics inside the
+//!   plugin (the host must turn it into EIO for that request only);
+//! * reading any byte of `[fail_at, fail_at + 4096)` returns EIO with a
+//!   message naming the offset (which must reach the client).
+//! Every other byte reads back what was written (initially zero).
+
+use nbdhost_plugin_api::{
+    export_backend, param, Backend, Connection, Error, Flags, OpenContext, ParamKind, Params, Pwrite, Result,
+};
+use std::sync::{Arc, RwLock};
+
+pub struct Faulty {
+    data: Arc<RwLock<Vec<u8>>>,
+    panic_at: u64,
+    fail_at: u64,
+}
+
+pub struct FaultyHandle {
+    data: Arc<RwLock<Vec<u8>>>,
+    panic_at: u64,
+    fail_at: u64,
+}
+
+fn hits(offset: u64, len: usize, at: u64) -> bool {
+    offset < at + 4096 && at < offset + len as u64
+}
+
+impl Backend for Faulty {
+    type Handle = FaultyHandle;
+    const NAME: &'static std::ffi::CStr = c"faulty";
+    const VERSION: &'static std::ffi::CStr = c"0.0.1";
+    const DESCRIPTION: &'static std::ffi::CStr = c"test backend that panics or fails on chosen blocks";
+    const PARAMS: &'static [nbdhost_plugin_api::abi::ParamSpec] = &[
+        param(c"size", ParamKind::Size, false, Some(c"16M"), c"disk size"),
+        param(c"panic_at", ParamKind::Size, false, Some(c"1M"), c"reads of this 4 KiB block panic"),
+        param(c"fail_at", ParamKind::Size, false, Some(c"2M"), c"reads of this 4 KiB block fail with EIO"),
+    ];
+
+    fn create(p: &Params) -> Result<Self> {
+        let size = p.size("size")?.unwrap_or(16 << 20);
+        Ok(Faulty {
+            data: Arc::new(RwLock::new(vec![0; size as usize])),
+            panic_at: p.size("panic_at")?.unwrap_or(1 << 20),
+            fail_at: p.size("fail_at")?.unwrap_or(2 << 20),
+        })
+    }
+
+    fn open(&self, _: &OpenContext) -> Result<FaultyHandle> {
+        Ok(FaultyHandle { data: self.data.clone(), panic_at: self.panic_at, fail_at: self.fail_at })
+    }
+}
+
+impl Connection for FaultyHandle {
+    fn get_size(&self) -> Result<u64> {
+        Ok(self.data.read().unwrap().len() as u64)
+    }
+    fn pread(&self, buf: &mut [u8], offset: u64, _: Flags) -> Result<()> {
+        if hits(offset, buf.len(), self.panic_at) {
+            panic!("faulty plugin: deliberate panic reading offset {offset}");
+        }
+        if hits(offset, buf.len(), self.fail_at) {
+            return Err(Error::io(format!("faulty plugin: injected failure at offset {offset}")));
+        }
+        let d = self.data.read().unwrap();
+        buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+}
+
+impl Pwrite for FaultyHandle {
+    fn pwrite(&self, buf: &[u8], offset: u64, _: Flags) -> Result<()> {
+        let mut d = self.data.write().unwrap();
+        d[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+}
+
+export_backend!(Faulty);
