@@ -262,13 +262,15 @@ impl ExportSpec {
             let (kind, lname, line) = match (get_name("plugin")?, get_name("filter")?) {
                 (Some((n, l)), None) => (LayerKind::Plugin, n, l),
                 (None, Some((n, l))) => (LayerKind::Filter, n, l),
-                (Some(_), Some((_, l))) => return Err(ConfigError::new(
-                    path,
-                    Some(l),
-                    format!(
+                (Some(_), Some((_, l))) => {
+                    return Err(ConfigError::new(
+                        path,
+                        Some(l),
+                        format!(
                         "export `{name}`, layer {index}: set either `plugin` or `filter`, not both"
                     ),
-                )),
+                    ))
+                }
                 (None, None) => {
                     let line = table.values().map(|v| line_of(text, v.span().start)).min();
                     return Err(ConfigError::new(

@@ -19,7 +19,11 @@ fn sigterm_exits_zero_promptly_with_an_idle_client_connected() {
     let t = Instant::now();
     let st = srv.terminate();
     assert!(st.success(), "exit status {st}:\n{}", srv.log());
-    assert!(t.elapsed() < Duration::from_secs(5), "shutdown took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        t.elapsed()
+    );
     assert!(idle.closed(), "idle client not disconnected");
 }
 
@@ -67,7 +71,13 @@ sys.exit(1 if errors else 0)
 "#,
         &[&srv.uri("mem")],
     );
-    assert!(o.status.success(), "{}{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr), srv.log());
+    assert!(
+        o.status.success(),
+        "{}{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+        srv.log()
+    );
 }
 
 #[test]
@@ -119,7 +129,10 @@ fn hostile_handshakes_are_dropped_and_others_keep_being_served() {
 #[test]
 fn write_to_a_read_only_export_is_eperm_and_its_payload_is_consumed() {
     let ex = Exports::new();
-    ex.snippet("ro", "readonly = true\n[[layer]]\nplugin = \"memory\"\nsize = \"1M\"\n");
+    ex.snippet(
+        "ro",
+        "readonly = true\n[[layer]]\nplugin = \"memory\"\nsize = \"1M\"\n",
+    );
     let srv = Server::start(&ex, &[]);
     let mut r = Raw::fixed(&srv.addr);
     let (_, flags) = r.go("ro");
@@ -159,5 +172,9 @@ fn a_handshake_that_stalls_is_timed_out() {
     let t = Instant::now();
     assert!(r.closed(), "stalled handshake not dropped");
     assert!(t.elapsed() < Duration::from_secs(5));
-    assert!(srv.log().contains("handshake not finished"), "{}", srv.log());
+    assert!(
+        srv.log().contains("handshake not finished"),
+        "{}",
+        srv.log()
+    );
 }
