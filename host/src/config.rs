@@ -35,11 +35,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     fn new(file: &Path, line: Option<usize>, message: impl Into<String>) -> Self {
-        ConfigError {
-            file: file.to_path_buf(),
-            line,
-            message: message.into(),
-        }
+        ConfigError { file: file.to_path_buf(), line, message: message.into() }
     }
 }
 
@@ -71,11 +67,7 @@ impl fmt::Display for ConfigErrors {
 impl std::error::Error for ConfigErrors {}
 
 fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())]
-        .bytes()
-        .filter(|&b| b == b'\n')
-        .count()
-        + 1
+    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
 }
 
 fn toml_error(file: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
@@ -113,8 +105,8 @@ impl MainConfig {
     /// Read and parse `path`; relative paths inside are resolved against its
     /// directory.
     pub fn load(path: &Path) -> Result<MainConfig, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::new(path, None, format!("cannot read: {e}")))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError::new(path, None, format!("cannot read: {e}")))?;
         let mut c: MainConfig = toml::from_str(&text).map_err(|e| toml_error(path, &text, &e))?;
         let base = path.parent().unwrap_or(Path::new("."));
         let fix = |p: &mut PathBuf| {
@@ -181,6 +173,8 @@ pub struct ExportSpec {
     pub description: String,
     /// Refuse writes.
     pub readonly: bool,
+    /// Most simultaneous connections to this export (None: no limit).
+    pub max_connections: Option<usize>,
     /// The snippet file.
     pub source: PathBuf,
     /// Layers, client side first; the last is the backend.
@@ -194,6 +188,7 @@ struct RawSnippet {
     description: Option<String>,
     #[serde(default)]
     readonly: bool,
+    max_connections: Option<usize>,
     #[serde(default)]
     layer: Vec<BTreeMap<String, toml::Spanned<toml::Value>>>,
 }
@@ -204,10 +199,7 @@ const LAYER_KEYS: [&str; 2] = ["plugin", "filter"];
 /// Check an export name against the protocol's string rules.
 pub fn check_export_name(name: &str) -> Result<(), String> {
     if name.len() > 4096 {
-        return Err(format!(
-            "export name is {} bytes, over the protocol's 4096-byte limit",
-            name.len()
-        ));
+        return Err(format!("export name is {} bytes, over the protocol's 4096-byte limit", name.len()));
     }
     if name.contains('\0') {
         return Err("export name contains a NUL byte".into());
@@ -224,16 +216,9 @@ impl ExportSpec {
             None => path
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
-                .ok_or_else(|| {
-                    ConfigError::new(
-                        path,
-                        None,
-                        "cannot derive an export name from the file name",
-                    )
-                })?,
+                .ok_or_else(|| ConfigError::new(path, None, "cannot derive an export name from the file name"))?,
         };
-        check_export_name(&name)
-            .map_err(|m| ConfigError::new(path, None, format!("key `name`: {m}")))?;
+        check_export_name(&name).map_err(|m| ConfigError::new(path, None, format!("key `name`: {m}")))?;
         if raw.layer.is_empty() {
             return Err(ConfigError::new(
                 path,
@@ -248,9 +233,7 @@ impl ExportSpec {
                 match table.get(key) {
                     None => Ok(None),
                     Some(v) => match v.get_ref() {
-                        toml::Value::String(s) => {
-                            Ok(Some((s.clone(), line_of(text, v.span().start))))
-                        }
+                        toml::Value::String(s) => Ok(Some((s.clone(), line_of(text, v.span().start)))),
                         _ => Err(ConfigError::new(
                             path,
                             Some(line_of(text, v.span().start)),
@@ -266,9 +249,7 @@ impl ExportSpec {
                     return Err(ConfigError::new(
                         path,
                         Some(l),
-                        format!(
-                        "export `{name}`, layer {index}: set either `plugin` or `filter`, not both"
-                    ),
+                        format!("export `{name}`, layer {index}: set either `plugin` or `filter`, not both"),
                     ))
                 }
                 (None, None) => {
@@ -276,9 +257,7 @@ impl ExportSpec {
                     return Err(ConfigError::new(
                         path,
                         line,
-                        format!(
-                            "export `{name}`, layer {index}: missing key `plugin` (or `filter`)"
-                        ),
+                        format!("export `{name}`, layer {index}: missing key `plugin` (or `filter`)"),
                     ));
                 }
             };
@@ -303,46 +282,34 @@ impl ExportSpec {
                         ))
                     }
                 };
-                params.push(RawParam {
-                    key: key.clone(),
-                    value,
-                    line: pline,
-                });
+                params.push(RawParam { key: key.clone(), value, line: pline });
             }
             params.sort_by_key(|p| p.line);
-            stack.push(LayerSpec {
-                kind,
-                name: lname,
-                params,
-                line,
-                index,
-            });
+            stack.push(LayerSpec { kind, name: lname, params, line, index });
         }
         let last = stack.last().expect("non-empty");
         if last.kind == LayerKind::Filter {
             return Err(ConfigError::new(
                 path,
                 Some(last.line),
-                format!("export `{name}`: the bottom layer `{}` is a filter; a stack must end with a plugin", last.name),
+                format!(
+                    "export `{name}`: the bottom layer `{}` is a filter; a stack must end with a plugin",
+                    last.name
+                ),
             ));
         }
-        if let Some(l) = stack[..stack.len() - 1]
-            .iter()
-            .find(|l| l.kind == LayerKind::Plugin)
-        {
+        if let Some(l) = stack[..stack.len() - 1].iter().find(|l| l.kind == LayerKind::Plugin) {
             return Err(ConfigError::new(
                 path,
                 Some(l.line),
-                format!(
-                    "export `{name}`, layer {}: plugin `{}` can only be the bottom layer",
-                    l.index, l.name
-                ),
+                format!("export `{name}`, layer {}: plugin `{}` can only be the bottom layer", l.index, l.name),
             ));
         }
         Ok(ExportSpec {
             name,
             description: raw.description.unwrap_or_default(),
             readonly: raw.readonly,
+            max_connections: raw.max_connections,
             source: path.to_path_buf(),
             stack,
         })
@@ -353,20 +320,13 @@ impl ExportSpec {
 /// and hidden files are skipped. All broken snippets are reported together,
 /// as are duplicate export names.
 pub fn load_snippets(dir: &Path) -> Result<Vec<ExportSpec>, ConfigErrors> {
-    let entries = std::fs::read_dir(dir).map_err(|e| {
-        ConfigErrors(vec![ConfigError::new(
-            dir,
-            None,
-            format!("cannot read exports directory: {e}"),
-        )])
-    })?;
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| ConfigErrors(vec![ConfigError::new(dir, None, format!("cannot read exports directory: {e}"))]))?;
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             p.extension().is_some_and(|x| x == "toml")
-                && !p
-                    .file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+                && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'))
                 && p.is_file()
         })
         .collect();
@@ -387,11 +347,7 @@ pub fn load_snippets(dir: &Path) -> Result<Vec<ExportSpec>, ConfigErrors> {
                     errors.push(ConfigError::new(
                         &f,
                         None,
-                        format!(
-                            "export `{}` is already defined by {}",
-                            s.name,
-                            prev.source.display()
-                        ),
+                        format!("export `{}` is already defined by {}", s.name, prev.source.display()),
                     ));
                 } else {
                     specs.push(s);
@@ -418,10 +374,7 @@ pub fn validate_params(
         ConfigError::new(
             &spec.source,
             Some(line),
-            format!(
-                "export `{}`, layer {} ({}): {msg}",
-                spec.name, layer.index, layer.name
-            ),
+            format!("export `{}`, layer {} ({}): {msg}", spec.name, layer.index, layer.name),
         )
     };
     let mut out = Vec::new();
@@ -434,11 +387,7 @@ pub fn validate_params(
                     "unknown parameter `{}`; {} takes: {}",
                     p.key,
                     layer.name,
-                    if known.is_empty() {
-                        "no parameters".to_string()
-                    } else {
-                        known.join(", ")
-                    }
+                    if known.is_empty() { "no parameters".to_string() } else { known.join(", ") }
                 ),
             ));
         };
@@ -451,19 +400,10 @@ pub fn validate_params(
             continue;
         }
         match (&d.default, d.required) {
-            (_, true) => {
-                return Err(at(
-                    layer.line,
-                    format!("missing required parameter `{}` ({})", d.name, d.help),
-                ))
-            }
+            (_, true) => return Err(at(layer.line, format!("missing required parameter `{}` ({})", d.name, d.help))),
             (Some(def), false) => {
-                let v = normalise_value(d, def, &spec.source).map_err(|m| {
-                    at(
-                        layer.line,
-                        format!("plugin's default for `{}` is invalid: {m}", d.name),
-                    )
-                })?;
+                let v = normalise_value(d, def, &spec.source)
+                    .map_err(|m| at(layer.line, format!("plugin's default for `{}` is invalid: {m}", d.name)))?;
                 out.push((d.name.clone(), v));
             }
             (None, false) => {}
@@ -475,27 +415,20 @@ pub fn validate_params(
 fn normalise_value(decl: &ParamInfo, v: &str, snippet: &Path) -> Result<String, String> {
     match decl.kind {
         ParamKind::String => Ok(v.to_string()),
-        ParamKind::Int => v
-            .trim()
-            .parse::<i64>()
+        ParamKind::Int => {
+            v.trim().parse::<i64>().map(|n| n.to_string()).map_err(|_| format!("`{v}` is not an integer"))
+        }
+        ParamKind::Size => parse_size(v)
             .map(|n| n.to_string())
-            .map_err(|_| format!("`{v}` is not an integer")),
-        ParamKind::Size => parse_size(v).map(|n| n.to_string()).ok_or_else(|| {
-            format!("`{v}` is not a size (bytes, or a number with K, M, G, T, P suffix)")
-        }),
-        ParamKind::Bool => parse_bool(v)
-            .map(|b| b.to_string())
-            .ok_or_else(|| format!("`{v}` is not a boolean")),
+            .ok_or_else(|| format!("`{v}` is not a size (bytes, or a number with K, M, G, T, P suffix)")),
+        ParamKind::Bool => parse_bool(v).map(|b| b.to_string()).ok_or_else(|| format!("`{v}` is not a boolean")),
         ParamKind::Path => {
             if v.is_empty() {
                 return Err("empty path".into());
             }
             let p = Path::new(v);
-            let abs = if p.is_relative() {
-                snippet.parent().unwrap_or(Path::new(".")).join(p)
-            } else {
-                p.to_path_buf()
-            };
+            let abs =
+                if p.is_relative() { snippet.parent().unwrap_or(Path::new(".")).join(p) } else { p.to_path_buf() };
             Ok(abs.to_string_lossy().into_owned())
         }
     }
@@ -511,60 +444,43 @@ mod tests {
 
     #[test]
     fn minimal_snippet() {
-        let s =
-            parse("description = \"d\"\n[[layer]]\nplugin = \"memory\"\nsize = \"1G\"\n").unwrap();
+        let s = parse("description = \"d\"\n[[layer]]\nplugin = \"memory\"\nsize = \"1G\"\n").unwrap();
         assert_eq!(s.name, "disk");
         assert_eq!(s.description, "d");
         assert!(!s.readonly);
         assert_eq!(s.stack.len(), 1);
         assert_eq!(s.stack[0].name, "memory");
-        assert_eq!(
-            s.stack[0].params,
-            vec![RawParam {
-                key: "size".into(),
-                value: "1G".into(),
-                line: 4
-            }]
-        );
+        assert_eq!(s.stack[0].params, vec![RawParam { key: "size".into(), value: "1G".into(), line: 4 }]);
     }
 
     #[test]
     fn typo_names_file_line_and_key() {
         let e = parse("descrption = \"d\"\n[[layer]]\nplugin = \"memory\"\n").unwrap_err();
         let msg = e.to_string();
-        assert!(
-            msg.starts_with("/etc/nbdhost/exports.d/disk.toml:1:"),
-            "{msg}"
-        );
+        assert!(msg.starts_with("/etc/nbdhost/exports.d/disk.toml:1:"), "{msg}");
         assert!(msg.contains("descrption"), "{msg}");
     }
 
     #[test]
     fn structural_errors() {
-        assert!(parse("description = \"x\"\n")
-            .unwrap_err()
-            .message
-            .contains("stack is empty"));
+        assert!(parse("description = \"x\"\n").unwrap_err().message.contains("stack is empty"));
         let e = parse("[[layer]]\nsize = 3\n").unwrap_err();
         assert!(e.message.contains("missing key `plugin`"), "{e}");
         assert_eq!(e.line, Some(2));
         let e = parse("[[layer]]\nfilter = \"cow\"\n").unwrap_err();
         assert!(e.message.contains("must end with a plugin"), "{e}");
-        let e =
-            parse("[[layer]]\nplugin = \"file\"\n[[layer]]\nplugin = \"memory\"\n").unwrap_err();
+        let e = parse("[[layer]]\nplugin = \"file\"\n[[layer]]\nplugin = \"memory\"\n").unwrap_err();
         assert!(e.message.contains("only be the bottom layer"), "{e}");
         let e = parse("[[layer]]\nplugin = \"memory\"\nsize = 1.5\n").unwrap_err();
-        assert!(
-            e.message.contains("key `size`") && e.message.contains("float"),
-            "{e}"
-        );
+        assert!(e.message.contains("key `size`") && e.message.contains("float"), "{e}");
         let e = parse("readonly = \"yes\"\n[[layer]]\nplugin = \"memory\"\n").unwrap_err();
         assert_eq!(e.line, Some(1), "{e}");
     }
 
     #[test]
     fn explicit_name_and_values() {
-        let s = parse("name = \"\"\nreadonly = true\n[[layer]]\nplugin = \"file\"\npath = \"a.img\"\ndirect = false\n").unwrap();
+        let s = parse("name = \"\"\nreadonly = true\n[[layer]]\nplugin = \"file\"\npath = \"a.img\"\ndirect = false\n")
+            .unwrap();
         assert_eq!(s.name, "");
         assert!(s.readonly);
         assert_eq!(s.stack[0].params[1].value, "false");

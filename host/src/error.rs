@@ -68,10 +68,7 @@ pub struct OpError {
 impl OpError {
     /// Construct.
     pub fn new(errno: NbdErrno, message: impl Into<String>) -> Self {
-        OpError {
-            errno,
-            message: message.into(),
-        }
+        OpError { errno, message: message.into() }
     }
     /// EINVAL.
     pub fn inval(message: impl Into<String>) -> Self {
@@ -87,10 +84,7 @@ impl fmt::Display for OpError {
 
 impl From<PluginError> for OpError {
     fn from(e: PluginError) -> Self {
-        OpError {
-            errno: NbdErrno::from_posix(e.errno),
-            message: e.message,
-        }
+        OpError { errno: NbdErrno::from_posix(e.errno), message: e.message }
     }
 }
 

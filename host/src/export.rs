@@ -7,6 +7,7 @@ use crate::loader::{OpenRequest, PluginDirectory, PluginInstance};
 use crate::pipeline::{request_lock_for, CheckedLayer, RequestLock};
 use nbdhost_plugin_api::ThreadModel;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 /// One connection at a time, for pipelines that serialise connections.
@@ -52,6 +53,16 @@ pub struct Export {
     backend: Arc<PluginInstance>,
     export_lock: RequestLock,
     gate: Arc<ConnectionGate>,
+    connections: Arc<AtomicUsize>,
+}
+
+/// Counts an open pipeline against its export's connection limit.
+struct ConnectionCount(Arc<AtomicUsize>);
+
+impl Drop for ConnectionCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// An export opened for one connection.
@@ -59,16 +70,13 @@ pub struct OpenExport {
     /// The checked pipeline.
     pub layer: CheckedLayer,
     _ticket: Option<GateTicket>,
+    _count: ConnectionCount,
 }
 
 impl Export {
     /// Build an export from its spec, loading plugins from `plugins`.
     pub fn build(spec: &ExportSpec, plugins: &PluginDirectory) -> Result<Export, ConfigError> {
-        let err = |line, msg: String| ConfigError {
-            file: spec.source.clone(),
-            line,
-            message: msg,
-        };
+        let err = |line, msg: String| ConfigError { file: spec.source.clone(), line, message: msg };
         if let Some(f) = spec.stack.iter().find(|l| l.kind == LayerKind::Filter) {
             return Err(err(
                 Some(f.line),
@@ -78,24 +86,15 @@ impl Export {
                 ),
             ));
         }
-        let layer = spec
-            .stack
-            .last()
-            .expect("parser guarantees a non-empty stack");
-        let plugin = plugins.get(&layer.name).map_err(|e| {
-            err(
-                Some(layer.line),
-                format!("export `{}`, layer {}: {e}", spec.name, layer.index),
-            )
-        })?;
+        let layer = spec.stack.last().expect("parser guarantees a non-empty stack");
+        let plugin = plugins
+            .get(&layer.name)
+            .map_err(|e| err(Some(layer.line), format!("export `{}`, layer {}: {e}", spec.name, layer.index)))?;
         let params = validate_params(spec, layer, &plugin)?;
         let backend = plugin.create(&params).map_err(|e| {
             err(
                 Some(layer.line),
-                format!(
-                    "export `{}`, layer {} ({}): {}",
-                    spec.name, layer.index, layer.name, e.message
-                ),
+                format!("export `{}`, layer {} ({}): {}", spec.name, layer.index, layer.name, e.message),
             )
         })?;
         Ok(Export {
@@ -107,25 +106,25 @@ impl Export {
             backend,
             export_lock: RequestLock::shared(),
             gate: Arc::new(ConnectionGate::default()),
+            connections: Arc::new(AtomicUsize::new(0)),
         })
+    }
+
+    /// Has the export as many connections as its snippet allows?
+    pub fn at_connection_limit(&self) -> bool {
+        self.spec.max_connections.is_some_and(|m| self.connections.load(Ordering::SeqCst) >= m)
     }
 
     /// Open the pipeline for a connection from `peer`. Blocks while another
     /// connection holds an export whose pipeline serialises connections.
     pub fn open(&self, peer: &str) -> Result<OpenExport, OpError> {
-        let ticket =
-            (self.thread_model == ThreadModel::SerializeConnections).then(|| self.gate.enter());
-        let handle = self.backend.open(&OpenRequest {
-            readonly: self.readonly,
-            export_name: &self.name,
-            peer,
-        })?;
+        self.connections.fetch_add(1, Ordering::SeqCst);
+        let count = ConnectionCount(self.connections.clone());
+        let ticket = (self.thread_model == ThreadModel::SerializeConnections).then(|| self.gate.enter());
+        let handle = self.backend.open(&OpenRequest { readonly: self.readonly, export_name: &self.name, peer })?;
         let lock = request_lock_for(self.thread_model, &self.export_lock);
         let layer = CheckedLayer::new(handle, self.readonly, lock, &self.name)?;
-        Ok(OpenExport {
-            layer,
-            _ticket: ticket,
-        })
+        Ok(OpenExport { layer, _ticket: ticket, _count: count })
     }
 }
 
@@ -176,11 +175,7 @@ impl ExportSet {
             return Some(e.clone());
         }
         if name.is_empty() {
-            return self
-                .default
-                .as_ref()
-                .and_then(|d| self.exports.get(d))
-                .cloned();
+            return self.default.as_ref().and_then(|d| self.exports.get(d)).cloned();
         }
         None
     }

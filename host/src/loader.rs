@@ -76,12 +76,7 @@ unsafe extern "C" fn host_log(ctx: *mut c_void, level: u32, msg: *const u8, len:
     let _ = catch_unwind(|| {
         // SAFETY: `ctx` is the `HostCtx` we created for this plugin, alive as
         // long as the (never unloaded) plugin; `msg` has `len` bytes.
-        let (ctx, msg) = unsafe {
-            (
-                &*(ctx as *const HostCtx),
-                std::slice::from_raw_parts(msg, len),
-            )
-        };
+        let (ctx, msg) = unsafe { (&*(ctx as *const HostCtx), std::slice::from_raw_parts(msg, len)) };
         let level = match level {
             abi::LOG_ERROR => log::Level::Error,
             abi::LOG_WARN => log::Level::Warn,
@@ -115,12 +110,8 @@ fn check(rc: i32, what: &str, plugin: &str) -> Result<(), PluginError> {
         return Ok(());
     }
     let errno = if rc > 0 { rc } else { libc::EIO };
-    let message = msg.unwrap_or_else(|| {
-        format!(
-            "{plugin}: {what} failed: {}",
-            std::io::Error::from_raw_os_error(errno)
-        )
-    });
+    let message =
+        msg.unwrap_or_else(|| format!("{plugin}: {what} failed: {}", std::io::Error::from_raw_os_error(errno)));
     Err(PluginError { errno, message })
 }
 
@@ -171,10 +162,7 @@ unsafe impl Sync for LoadedPlugin {}
 
 impl fmt::Debug for LoadedPlugin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LoadedPlugin")
-            .field("name", &self.name)
-            .field("path", &self.path)
-            .finish()
+        f.debug_struct("LoadedPlugin").field("name", &self.name).field("path", &self.path).finish()
     }
 }
 
@@ -191,19 +179,12 @@ impl LoadedPlugin {
         // the name with another type is not an nbdhost plugin, which we
         // cannot detect beyond this point (the version check below).
         let entry: abi::EntryPoint = unsafe {
-            *lib.get::<abi::EntryPoint>(abi::ENTRY_POINT_CSTR)
-                .map_err(|e| {
-                    LoadError(format!(
-                        "plugin {shown}: no `{}` symbol, not an nbdhost plugin ({e})",
-                        abi::ENTRY_POINT
-                    ))
-                })?
+            *lib.get::<abi::EntryPoint>(abi::ENTRY_POINT_CSTR).map_err(|e| {
+                LoadError(format!("plugin {shown}: no `{}` symbol, not an nbdhost plugin ({e})", abi::ENTRY_POINT))
+            })?
         };
         let ctx = Box::leak(Box::new(HostCtx {
-            name: path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default(),
+            name: path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
             debug,
         }));
         let host: &'static HostApi = Box::leak(Box::new(HostApi {
@@ -277,21 +258,11 @@ impl LoadedPlugin {
                 help: cstr(p.help),
             });
         }
-        if table.create.is_none()
-            || table.open.is_none()
-            || table.get_size.is_none()
-            || table.pread.is_none()
-        {
-            return Err(LoadError(format!(
-                "plugin {shown}: a backend must provide create, open, get_size and pread"
-            )));
+        if table.create.is_none() || table.open.is_none() || table.get_size.is_none() || table.pread.is_none() {
+            return Err(LoadError(format!("plugin {shown}: a backend must provide create, open, get_size and pread")));
         }
         let name = cstr(table.name);
-        ctx.name = if name.is_empty() {
-            ctx.name.clone()
-        } else {
-            name.clone()
-        };
+        ctx.name = if name.is_empty() { ctx.name.clone() } else { name.clone() };
         // Never unload (see module docs).
         std::mem::forget(lib);
         Ok(Arc::new(LoadedPlugin {
@@ -308,10 +279,7 @@ impl LoadedPlugin {
     }
 
     /// Create per-export state from validated, normalised parameters.
-    pub fn create(
-        self: &Arc<Self>,
-        params: &[(String, String)],
-    ) -> Result<Arc<PluginInstance>, PluginError> {
+    pub fn create(self: &Arc<Self>, params: &[(String, String)]) -> Result<Arc<PluginInstance>, PluginError> {
         let owned: Vec<(CString, CString)> = params
             .iter()
             .map(|(k, v)| {
@@ -319,24 +287,13 @@ impl LoadedPlugin {
                 (c(k), c(v))
             })
             .collect();
-        let raw: Vec<Param> = owned
-            .iter()
-            .map(|(k, v)| Param {
-                key: k.as_ptr(),
-                value: v.as_ptr(),
-            })
-            .collect();
+        let raw: Vec<Param> = owned.iter().map(|(k, v)| Param { key: k.as_ptr(), value: v.as_ptr() }).collect();
         let create = self.table.create.expect("checked at load");
         let mut inst: abi::Instance = std::ptr::null_mut();
         // SAFETY: `raw` holds valid NUL-terminated pairs for this call; `inst`
         // is a valid out-pointer.
-        call(&self.name, "create", || unsafe {
-            create(raw.as_ptr(), raw.len(), &mut inst)
-        })?;
-        Ok(Arc::new(PluginInstance {
-            plugin: self.clone(),
-            ptr: inst,
-        }))
+        call(&self.name, "create", || unsafe { create(raw.as_ptr(), raw.len(), &mut inst) })?;
+        Ok(Arc::new(PluginInstance { plugin: self.clone(), ptr: inst }))
     }
 }
 
@@ -392,13 +349,8 @@ impl PluginInstance {
         let open = self.plugin.table.open.expect("checked at load");
         let mut h: abi::Handle = std::ptr::null_mut();
         // SAFETY: live instance, `info` valid for the call, valid out-pointer.
-        call(&self.plugin.name, "open", || unsafe {
-            open(self.ptr, &info, &mut h)
-        })?;
-        Ok(PluginHandle {
-            inst: self.clone(),
-            ptr: h,
-        })
+        call(&self.plugin.name, "open", || unsafe { open(self.ptr, &info, &mut h) })?;
+        Ok(PluginHandle { inst: self.clone(), ptr: h })
     }
 }
 
@@ -544,9 +496,7 @@ impl PluginHandle {
     pub fn pread(&self, buf: &mut [u8], offset: u64, flags: u32) -> Result<(), PluginError> {
         let f = self.table().pread.expect("checked at load");
         // SAFETY: `buf` is writable for its length during the call.
-        self.call("pread", || unsafe {
-            f(self.ptr, buf.as_mut_ptr(), buf.len() as u64, offset, flags)
-        })
+        self.call("pread", || unsafe { f(self.ptr, buf.as_mut_ptr(), buf.len() as u64, offset, flags) })
     }
 
     /// Write `buf`. Absent callback: `EROFS`.
@@ -555,9 +505,7 @@ impl PluginHandle {
             return Err(absent("pwrite", libc::EROFS));
         };
         // SAFETY: `buf` is readable for its length during the call.
-        self.call("pwrite", || unsafe {
-            f(self.ptr, buf.as_ptr(), buf.len() as u64, offset, flags)
-        })
+        self.call("pwrite", || unsafe { f(self.ptr, buf.as_ptr(), buf.len() as u64, offset, flags) })
     }
 
     /// Flush.
@@ -608,15 +556,9 @@ impl PluginHandle {
         let Some(f) = self.table().extents else {
             return Err(absent("extents", libc::EINVAL));
         };
-        unsafe extern "C" fn trampoline(
-            ctx: *mut c_void,
-            offset: u64,
-            length: u64,
-            flags: u32,
-        ) -> i32 {
+        unsafe extern "C" fn trampoline(ctx: *mut c_void, offset: u64, length: u64, flags: u32) -> i32 {
             // SAFETY: `ctx` is the `&mut dyn FnMut` below, alive for the call.
-            let add =
-                unsafe { &mut *(ctx as *mut &mut dyn FnMut(u64, u64, u32) -> Result<(), i32>) };
+            let add = unsafe { &mut *(ctx as *mut &mut dyn FnMut(u64, u64, u32) -> Result<(), i32>) };
             match catch_unwind(AssertUnwindSafe(|| add(offset, length, flags))) {
                 Ok(Ok(())) => 0,
                 Ok(Err(e)) => e,
@@ -624,33 +566,22 @@ impl PluginHandle {
             }
         }
         let mut add_ref: &mut dyn FnMut(u64, u64, u32) -> Result<(), i32> = add;
-        let mut sink = ExtentSink {
-            ctx: &mut add_ref as *mut _ as *mut c_void,
-            add: trampoline,
-        };
+        let mut sink = ExtentSink { ctx: &mut add_ref as *mut _ as *mut c_void, add: trampoline };
         // SAFETY: live handle; `sink` and the closure it points to outlive
         // the call.
-        self.call("extents", || unsafe {
-            f(self.ptr, count, offset, flags, &mut sink)
-        })
+        self.call("extents", || unsafe { f(self.ptr, count, offset, flags, &mut sink) })
     }
 }
 
 fn absent(what: &str, errno: i32) -> PluginError {
-    PluginError {
-        errno,
-        message: format!("plugin has no {what} operation"),
-    }
+    PluginError { errno, message: format!("plugin has no {what} operation") }
 }
 
 /// Candidate file names for a plugin called `name` in a directory: `NAME.so`
 /// (hand-built or C plugins) and what cargo names a crate
 /// `nbdhost-plugin-NAME` (`libnbdhost_plugin_NAME.so`).
 pub fn candidate_files(name: &str) -> [String; 2] {
-    [
-        format!("{name}.so"),
-        format!("libnbdhost_plugin_{}.so", name.replace('-', "_")),
-    ]
+    [format!("{name}.so"), format!("libnbdhost_plugin_{}.so", name.replace('-', "_"))]
 }
 
 /// Finds and caches plugins by name in an ordered list of directories.
@@ -663,11 +594,7 @@ pub struct PluginDirectory {
 impl PluginDirectory {
     /// Search `dirs` in order; plugins named in `debug` get debug output.
     pub fn new(dirs: Vec<PathBuf>, debug: Vec<String>) -> Self {
-        PluginDirectory {
-            dirs,
-            debug,
-            loaded: Default::default(),
-        }
+        PluginDirectory { dirs, debug, loaded: Default::default() }
     }
 
     /// The directories searched.
@@ -677,37 +604,25 @@ impl PluginDirectory {
 
     /// Find and load (once) the plugin called `name`.
     pub fn get(&self, name: &str) -> Result<Arc<LoadedPlugin>, LoadError> {
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
-            return Err(LoadError(format!(
-                "`{name}` is not a valid plugin name (letters, digits, `-`, `_`)"
-            )));
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return Err(LoadError(format!("`{name}` is not a valid plugin name (letters, digits, `-`, `_`)")));
         }
         let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = loaded.get(name) {
             return Ok(p.clone());
         }
         let files = candidate_files(name);
-        let path = self
-            .dirs
-            .iter()
-            .flat_map(|d| files.iter().map(move |f| d.join(f)))
-            .find(|p| p.exists())
-            .ok_or_else(|| {
-                let dirs: Vec<String> = self.dirs.iter().map(|d| d.display().to_string()).collect();
-                LoadError(format!(
-                    "plugin `{name}` not found: looked for {} in {}",
-                    files.join(" and "),
-                    if dirs.is_empty() {
-                        "no plugin directory".to_string()
-                    } else {
-                        dirs.join(", ")
-                    }
-                ))
-            })?;
+        let path =
+            self.dirs.iter().flat_map(|d| files.iter().map(move |f| d.join(f))).find(|p| p.exists()).ok_or_else(
+                || {
+                    let dirs: Vec<String> = self.dirs.iter().map(|d| d.display().to_string()).collect();
+                    LoadError(format!(
+                        "plugin `{name}` not found: looked for {} in {}",
+                        files.join(" and "),
+                        if dirs.is_empty() { "no plugin directory".to_string() } else { dirs.join(", ") }
+                    ))
+                },
+            )?;
         let p = LoadedPlugin::load(&path, self.debug.iter().any(|d| d == name))?;
         loaded.insert(name.to_string(), p.clone());
         Ok(p)

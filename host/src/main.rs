@@ -63,10 +63,7 @@ fn default_plugin_dirs() -> Vec<PathBuf> {
     // Next to the executable: that is where `cargo build` puts the bundled
     // plugins, and where a package would install them alongside.
     let mut dirs = Vec::new();
-    if let Some(d) = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(|p| p.to_path_buf()))
-    {
+    if let Some(d) = std::env::current_exe().ok().and_then(|p| p.parent().map(|p| p.to_path_buf())) {
         dirs.push(d.join("plugins"));
         dirs.push(d);
     }
@@ -75,21 +72,15 @@ fn default_plugin_dirs() -> Vec<PathBuf> {
 }
 
 fn init_logging(level: &str) -> Result<(), String> {
-    let filter: log::LevelFilter = level.parse().map_err(|_| {
-        format!("--log-level: `{level}` is not one of error, warn, info, debug, trace")
-    })?;
+    let filter: log::LevelFilter =
+        level.parse().map_err(|_| format!("--log-level: `{level}` is not one of error, warn, info, debug, trace"))?;
     let cfg = simplelog::ConfigBuilder::new()
         .set_time_format_rfc3339()
         .set_thread_level(log::LevelFilter::Off)
         .set_target_level(log::LevelFilter::Off)
         .build();
-    simplelog::TermLogger::init(
-        filter,
-        cfg,
-        simplelog::TerminalMode::Stderr,
-        simplelog::ColorChoice::Never,
-    )
-    .map_err(|e| format!("cannot set up logging: {e}"))
+    simplelog::TermLogger::init(filter, cfg, simplelog::TerminalMode::Stderr, simplelog::ColorChoice::Never)
+        .map_err(|e| format!("cannot set up logging: {e}"))
 }
 
 fn run(cli: Cli) -> Result<(), String> {
@@ -97,23 +88,15 @@ fn run(cli: Cli) -> Result<(), String> {
         Some(p) => MainConfig::load(p).map_err(|e| e.to_string())?,
         None => MainConfig::default(),
     };
-    init_logging(
-        cli.log_level
-            .as_deref()
-            .or(file.log_level.as_deref())
-            .unwrap_or("info"),
-    )?;
+    init_logging(cli.log_level.as_deref().or(file.log_level.as_deref()).unwrap_or("info"))?;
 
     let plugin_dirs = if !cli.plugin_dir.is_empty() {
         cli.plugin_dir.clone()
     } else {
         file.plugin_dir.clone().unwrap_or_else(default_plugin_dirs)
     };
-    let exports_dir = cli
-        .exports_dir
-        .clone()
-        .or(file.exports_dir.clone())
-        .unwrap_or_else(|| PathBuf::from("/etc/nbdhost/exports.d"));
+    let exports_dir =
+        cli.exports_dir.clone().or(file.exports_dir.clone()).unwrap_or_else(|| PathBuf::from("/etc/nbdhost/exports.d"));
     let mut debug = cli.plugin_debug.clone();
     debug.extend(file.plugin_debug.clone().unwrap_or_default());
     let plugins = PluginDirectory::new(plugin_dirs, debug);
@@ -122,55 +105,32 @@ fn run(cli: Cli) -> Result<(), String> {
     let specs = config::load_snippets(&exports_dir).map_err(|e| e.to_string())?;
     let exports = ExportSet::build(&specs, &plugins, default_export).map_err(|e| e.to_string())?;
     if exports.is_empty() {
-        return Err(format!(
-            "{}: no exports defined (add a *.toml snippet)",
-            exports_dir.display()
-        ));
+        return Err(format!("{}: no exports defined (add a *.toml snippet)", exports_dir.display()));
     }
     for e in exports.iter() {
         let layers: Vec<&str> = e.spec.stack.iter().map(|l| l.name.as_str()).collect();
-        log::info!(
-            "export `{}`: {} ({})",
-            e.name,
-            layers.join(" > "),
-            e.spec.source.display()
-        );
+        log::info!("export `{}`: {} ({})", e.name, layers.join(" > "), e.spec.source.display());
     }
     if cli.check {
-        println!(
-            "configuration OK: {} export(s) from {}",
-            exports.len(),
-            exports_dir.display()
-        );
+        println!("configuration OK: {} export(s) from {}", exports.len(), exports_dir.display());
         return Ok(());
     }
 
     let unix = cli.unix.clone().or(file.unix.clone());
-    let mut listen = if !cli.listen.is_empty() {
-        cli.listen.clone()
-    } else {
-        file.listen.clone().unwrap_or_default()
-    };
+    let mut listen = if !cli.listen.is_empty() { cli.listen.clone() } else { file.listen.clone().unwrap_or_default() };
     if listen.is_empty() && unix.is_none() {
         listen.push("0.0.0.0:10809".into());
     }
     let settings = ServerSettings {
         listen,
         unix,
-        handshake_timeout: Duration::from_secs(
-            cli.handshake_timeout
-                .or(file.handshake_timeout)
-                .unwrap_or(30),
-        ),
+        handshake_timeout: Duration::from_secs(cli.handshake_timeout.or(file.handshake_timeout).unwrap_or(30)),
         max_connections: cli.max_connections.or(file.max_connections).unwrap_or(1024),
         shutdown_grace: Duration::from_secs(10),
     };
     let server = Server::new(settings, exports);
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-    ])
-    .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     server.start().map_err(|e| e.to_string())?;
     if let Some(sig) = signals.forever().next() {
         log::info!("signal {sig} received");

@@ -71,11 +71,7 @@ impl Capabilities {
         let fua = if !writable {
             Support::None
         } else {
-            match h.can_fua()?.unwrap_or(if flush {
-                abi::SUPPORT_EMULATE
-            } else {
-                abi::SUPPORT_NONE
-            }) {
+            match h.can_fua()?.unwrap_or(if flush { abi::SUPPORT_EMULATE } else { abi::SUPPORT_NONE }) {
                 abi::SUPPORT_NATIVE => Support::Native,
                 abi::SUPPORT_EMULATE if flush => Support::Emulated,
                 _ => Support::None,
@@ -91,11 +87,7 @@ impl Capabilities {
         };
         let fast_zero = zero == Support::Native && yes(h.can_fast_zero()?, true);
         let extents = p.extents && yes(h.can_extents()?, true);
-        let cache = match h.can_cache()?.unwrap_or(if p.cache {
-            abi::SUPPORT_NATIVE
-        } else {
-            abi::SUPPORT_NONE
-        }) {
+        let cache = match h.can_cache()?.unwrap_or(if p.cache { abi::SUPPORT_NATIVE } else { abi::SUPPORT_NONE }) {
             abi::SUPPORT_NATIVE if p.cache => Support::Native,
             abi::SUPPORT_NATIVE | abi::SUPPORT_EMULATE => Support::Emulated,
             _ => Support::None,
@@ -103,10 +95,7 @@ impl Capabilities {
         let declared = h.block_size()?;
         let block_size = normalise_block_size(declared).map_err(|m| PluginError {
             errno: libc::EINVAL,
-            message: format!(
-                "plugin {} declares invalid block sizes: {m}",
-                h.plugin().name
-            ),
+            message: format!("plugin {} declares invalid block sizes: {m}", h.plugin().name),
         })?;
         Ok(Capabilities {
             size,
@@ -128,43 +117,21 @@ impl Capabilities {
 /// Fill defaults into declared block sizes and check the spec's rules.
 pub fn normalise_block_size(declared: Option<BlockSize>) -> Result<BlockSize, String> {
     let Some(b) = declared else {
-        return Ok(BlockSize {
-            minimum: 1,
-            preferred: 4096,
-            maximum: DEFAULT_MAX_PAYLOAD,
-        });
+        return Ok(BlockSize { minimum: 1, preferred: 4096, maximum: DEFAULT_MAX_PAYLOAD });
     };
     let minimum = if b.minimum == 0 { 1 } else { b.minimum };
-    let preferred = if b.preferred == 0 {
-        4096.max(minimum)
-    } else {
-        b.preferred
-    };
-    let maximum = if b.maximum == 0 {
-        DEFAULT_MAX_PAYLOAD
-    } else {
-        b.maximum.min(DEFAULT_MAX_PAYLOAD)
-    };
+    let preferred = if b.preferred == 0 { 4096.max(minimum) } else { b.preferred };
+    let maximum = if b.maximum == 0 { DEFAULT_MAX_PAYLOAD } else { b.maximum.min(DEFAULT_MAX_PAYLOAD) };
     if !minimum.is_power_of_two() || minimum > 65536 {
-        return Err(format!(
-            "minimum {minimum} must be a power of two up to 65536"
-        ));
+        return Err(format!("minimum {minimum} must be a power of two up to 65536"));
     }
     if !preferred.is_power_of_two() || preferred < minimum.max(512) {
-        return Err(format!(
-            "preferred {preferred} must be a power of two of at least max(minimum, 512)"
-        ));
+        return Err(format!("preferred {preferred} must be a power of two of at least max(minimum, 512)"));
     }
     if maximum < preferred {
-        return Err(format!(
-            "maximum {maximum} is smaller than preferred {preferred}"
-        ));
+        return Err(format!("maximum {maximum} is smaller than preferred {preferred}"));
     }
-    Ok(BlockSize {
-        minimum,
-        preferred,
-        maximum,
-    })
+    Ok(BlockSize { minimum, preferred, maximum })
 }
 
 /// One extent of a block-status answer.
@@ -190,9 +157,7 @@ impl RequestLock {
         RequestLock(None)
     }
     fn enter(&self) -> Option<MutexGuard<'_, ()>> {
-        self.0
-            .as_ref()
-            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+        self.0.as_ref().map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
@@ -203,9 +168,7 @@ pub fn request_lock_for(model: ThreadModel, export_lock: &RequestLock) -> Reques
     match model {
         ThreadModel::Parallel => RequestLock::none(),
         ThreadModel::SerializeRequests => RequestLock::shared(),
-        ThreadModel::SerializeAllRequests | ThreadModel::SerializeConnections => {
-            export_lock.clone()
-        }
+        ThreadModel::SerializeAllRequests | ThreadModel::SerializeConnections => export_lock.clone(),
     }
 }
 
@@ -223,21 +186,10 @@ static ZEROS: [u8; 1 << 20] = [0u8; 1 << 20];
 
 impl CheckedLayer {
     /// Wrap an opened handle: capabilities are queried here, once.
-    pub fn new(
-        inner: PluginHandle,
-        readonly: bool,
-        lock: RequestLock,
-        name: &str,
-    ) -> Result<Self, OpError> {
+    pub fn new(inner: PluginHandle, readonly: bool, lock: RequestLock, name: &str) -> Result<Self, OpError> {
         let caps = Capabilities::query(&inner)?;
         let readonly = readonly || !caps.writable;
-        Ok(CheckedLayer {
-            inner,
-            caps,
-            readonly,
-            lock,
-            name: name.to_string(),
-        })
+        Ok(CheckedLayer { inner, caps, readonly, lock, name: name.to_string() })
     }
 
     /// Cached capabilities.
@@ -250,13 +202,7 @@ impl CheckedLayer {
         self.readonly
     }
 
-    fn range(
-        &self,
-        count: u64,
-        offset: u64,
-        past_end: NbdErrno,
-        what: &str,
-    ) -> Result<(), OpError> {
+    fn range(&self, count: u64, offset: u64, past_end: NbdErrno, what: &str) -> Result<(), OpError> {
         match offset.checked_add(count) {
             Some(end) if end <= self.caps.size => Ok(()),
             _ => Err(OpError::new(
@@ -271,10 +217,7 @@ impl CheckedLayer {
 
     fn writable(&self, what: &str) -> Result<(), OpError> {
         if self.readonly {
-            Err(OpError::new(
-                NbdErrno::Perm,
-                format!("{}: {what} on a read-only export", self.name),
-            ))
+            Err(OpError::new(NbdErrno::Perm, format!("{}: {what} on a read-only export", self.name)))
         } else {
             Ok(())
         }
@@ -323,10 +266,7 @@ impl CheckedLayer {
     /// Flush everything written so far.
     pub fn flush(&self) -> Result<(), OpError> {
         if !self.caps.flush {
-            return Err(OpError::inval(format!(
-                "{}: flush is not supported",
-                self.name
-            )));
+            return Err(OpError::inval(format!("{}: flush is not supported", self.name)));
         }
         let _g = self.lock.enter();
         log::trace!("{}: flush", self.name);
@@ -337,10 +277,7 @@ impl CheckedLayer {
     pub fn trim(&self, count: u64, offset: u64, fua: bool) -> Result<(), OpError> {
         self.writable("trim")?;
         if !self.caps.trim {
-            return Err(OpError::inval(format!(
-                "{}: trim is not supported",
-                self.name
-            )));
+            return Err(OpError::inval(format!("{}: trim is not supported", self.name)));
         }
         self.range(count, offset, NbdErrno::Inval, "trim")?;
         if count == 0 {
@@ -354,28 +291,14 @@ impl CheckedLayer {
 
     /// Zero a range. `may_trim`: holes allowed; `fast`: fail with ENOTSUP
     /// unless it is cheap.
-    pub fn zero(
-        &self,
-        count: u64,
-        offset: u64,
-        may_trim: bool,
-        fast: bool,
-        fua: bool,
-    ) -> Result<(), OpError> {
+    pub fn zero(&self, count: u64, offset: u64, may_trim: bool, fast: bool, fua: bool) -> Result<(), OpError> {
         self.writable("write zeroes")?;
         self.range(count, offset, NbdErrno::NoSpc, "write zeroes")?;
         if count == 0 {
             return Ok(());
         }
         let _g = self.lock.enter();
-        log::trace!(
-            "{}: zero {}+{} may_trim={} fast={}",
-            self.name,
-            offset,
-            count,
-            may_trim,
-            fast
-        );
+        log::trace!("{}: zero {}+{} may_trim={} fast={}", self.name, offset, count, may_trim, fast);
         if self.caps.zero == Support::Native {
             let mut flags = self.fua_flag(fua);
             if may_trim {
@@ -391,10 +314,7 @@ impl CheckedLayer {
             }
         }
         if fast {
-            return Err(OpError::new(
-                NbdErrno::NotSup,
-                format!("{}: zeroing this range is not fast here", self.name),
-            ));
+            return Err(OpError::new(NbdErrno::NotSup, format!("{}: zeroing this range is not fast here", self.name)));
         }
         let mut done = 0u64;
         while done < count {
@@ -425,10 +345,7 @@ impl CheckedLayer {
                 }
                 Ok(())
             }
-            Support::None => Err(OpError::inval(format!(
-                "{}: cache is not supported",
-                self.name
-            ))),
+            Support::None => Err(OpError::inval(format!("{}: cache is not supported", self.name))),
         }
     }
 
@@ -438,16 +355,10 @@ impl CheckedLayer {
     pub fn extents(&self, count: u64, offset: u64, req_one: bool) -> Result<Vec<Extent>, OpError> {
         self.range(count, offset, NbdErrno::Inval, "block status")?;
         if count == 0 {
-            return Err(OpError::inval(format!(
-                "{}: block status of zero length",
-                self.name
-            )));
+            return Err(OpError::inval(format!("{}: block status of zero length", self.name)));
         }
         if !self.caps.extents {
-            return Ok(vec![Extent {
-                length: count,
-                flags: 0,
-            }]);
+            return Ok(vec![Extent { length: count, flags: 0 }]);
         }
         let _g = self.lock.enter();
         let size = self.caps.size;
@@ -475,17 +386,11 @@ impl CheckedLayer {
         let flags = if req_one { abi::FLAG_REQ_ONE } else { 0 };
         let r = self.inner.extents(count, offset, flags, &mut add);
         if let Some(why) = bad {
-            return Err(OpError::new(
-                NbdErrno::Io,
-                format!("{}: plugin returned bad extents: {why}", self.name),
-            ));
+            return Err(OpError::new(NbdErrno::Io, format!("{}: plugin returned bad extents: {why}", self.name)));
         }
         r?;
         if out.is_empty() {
-            return Err(OpError::new(
-                NbdErrno::Io,
-                format!("{}: plugin returned no extents", self.name),
-            ));
+            return Err(OpError::new(NbdErrno::Io, format!("{}: plugin returned no extents", self.name)));
         }
         if req_one {
             out.truncate(1);
@@ -502,40 +407,12 @@ mod tests {
     #[test]
     fn block_size_defaults_and_rules() {
         let d = normalise_block_size(None).unwrap();
-        assert_eq!(
-            (d.minimum, d.preferred, d.maximum),
-            (1, 4096, DEFAULT_MAX_PAYLOAD)
-        );
-        let b = normalise_block_size(Some(BlockSize {
-            minimum: 512,
-            preferred: 0,
-            maximum: 0,
-        }))
-        .unwrap();
+        assert_eq!((d.minimum, d.preferred, d.maximum), (1, 4096, DEFAULT_MAX_PAYLOAD));
+        let b = normalise_block_size(Some(BlockSize { minimum: 512, preferred: 0, maximum: 0 })).unwrap();
         assert_eq!((b.minimum, b.preferred), (512, 4096));
-        assert!(normalise_block_size(Some(BlockSize {
-            minimum: 3,
-            preferred: 4096,
-            maximum: 0
-        }))
-        .is_err());
-        assert!(normalise_block_size(Some(BlockSize {
-            minimum: 1 << 17,
-            preferred: 0,
-            maximum: 0
-        }))
-        .is_err());
-        assert!(normalise_block_size(Some(BlockSize {
-            minimum: 512,
-            preferred: 256,
-            maximum: 0
-        }))
-        .is_err());
-        assert!(normalise_block_size(Some(BlockSize {
-            minimum: 512,
-            preferred: 8192,
-            maximum: 4096
-        }))
-        .is_err());
+        assert!(normalise_block_size(Some(BlockSize { minimum: 3, preferred: 4096, maximum: 0 })).is_err());
+        assert!(normalise_block_size(Some(BlockSize { minimum: 1 << 17, preferred: 0, maximum: 0 })).is_err());
+        assert!(normalise_block_size(Some(BlockSize { minimum: 512, preferred: 256, maximum: 0 })).is_err());
+        assert!(normalise_block_size(Some(BlockSize { minimum: 512, preferred: 8192, maximum: 4096 })).is_err());
     }
 }

@@ -2,7 +2,7 @@
 
 use crate::export::ExportSet;
 use crate::protocol::handshake::{self, HandshakeContext, HandshakeEnd};
-use crate::protocol::transmission::{ReplyWriter, Transmission};
+use crate::protocol::transmission::Transmission;
 use crate::transport::Stream;
 use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter};
@@ -35,9 +35,16 @@ pub struct Server {
     shutting_down: AtomicBool,
     active: AtomicUsize,
     next_id: AtomicU64,
-    /// Clones of live sockets, so shutdown can stop their reads.
-    live: Mutex<HashMap<u64, Stream>>,
+    /// Live connections, so shutdown can close the idle ones.
+    live: Mutex<HashMap<u64, Live>>,
     bound_tcp: Mutex<Vec<SocketAddr>>,
+}
+
+/// What shutdown needs to know about a connection.
+struct Live {
+    stream: Stream,
+    /// Requests in flight (0 while idle or negotiating).
+    busy: Arc<AtomicUsize>,
 }
 
 enum Listener {
@@ -66,10 +73,7 @@ impl Server {
     }
 
     fn exports(&self) -> Arc<ExportSet> {
-        self.exports
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.exports.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Bind every listener and start accepting, one thread per listener.
@@ -80,10 +84,7 @@ impl Server {
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
             let local = l.local_addr()?;
             log::info!("listening on tcp {local}");
-            self.bound_tcp
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(local);
+            self.bound_tcp.lock().unwrap_or_else(|e| e.into_inner()).push(local);
             listeners.push(Listener::Tcp(l));
         }
         if let Some(path) = &self.settings.unix {
@@ -92,10 +93,7 @@ impl Server {
                 let _ = std::fs::remove_file(path);
             }
             let l = UnixListener::bind(path).map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("cannot listen on unix socket {}: {e}", path.display()),
-                )
+                io::Error::new(e.kind(), format!("cannot listen on unix socket {}: {e}", path.display()))
             })?;
             log::info!("listening on unix {}", path.display());
             listeners.push(Listener::Unix(l, path.clone()));
@@ -103,11 +101,7 @@ impl Server {
         let mut threads = Vec::new();
         for l in listeners {
             let me = self.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name("accept".into())
-                    .spawn(move || me.accept_loop(l))?,
-            );
+            threads.push(std::thread::Builder::new().name("accept".into()).spawn(move || me.accept_loop(l))?);
         }
         Ok(threads)
     }
@@ -119,9 +113,7 @@ impl Server {
                     let _ = s.set_nodelay(true);
                     (Stream::Tcp(s), a.to_string())
                 }),
-                Listener::Unix(u, _) => u
-                    .accept()
-                    .map(|(s, _)| (Stream::Unix(s), "unix".to_string())),
+                Listener::Unix(u, _) => u.accept().map(|(s, _)| (Stream::Unix(s), "unix".to_string())),
             };
             if self.shutting_down.load(Ordering::SeqCst) {
                 if let Listener::Unix(_, p) = &l {
@@ -144,53 +136,36 @@ impl Server {
         let n = self.active.fetch_add(1, Ordering::SeqCst) + 1;
         if n > self.settings.max_connections {
             self.active.fetch_sub(1, Ordering::SeqCst);
-            log::warn!(
-                "{peer}: refused, {} connections already (max_connections)",
-                n - 1
-            );
+            log::warn!("{peer}: refused, {} connections already (max_connections)", n - 1);
             let _ = s.shutdown(Shutdown::Both);
             return;
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let busy = Arc::new(AtomicUsize::new(0));
         if let Ok(c) = s.try_clone() {
-            self.live
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(id, c);
+            self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(id, Live { stream: c, busy: busy.clone() });
         }
         let me = self.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("conn-{id}"))
-            .spawn(move || {
-                log::debug!("{peer}: connected");
-                if let Err(e) = me.serve_connection(s, &peer) {
-                    log::debug!("{peer}: connection ended: {e}");
-                }
-                log::debug!("{peer}: disconnected");
-                me.live
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id);
-                me.active.fetch_sub(1, Ordering::SeqCst);
-            });
+        let spawned = std::thread::Builder::new().name(format!("conn-{id}")).spawn(move || {
+            log::debug!("{peer}: connected");
+            if let Err(e) = me.serve_connection(s, &peer, &busy) {
+                log::debug!("{peer}: connection ended: {e}");
+            }
+            log::debug!("{peer}: disconnected");
+            me.live.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+            me.active.fetch_sub(1, Ordering::SeqCst);
+        });
         if let Err(e) = spawned {
             log::error!("cannot start a thread for a connection: {e}");
-            self.live
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
+            self.live.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
             self.active.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
-    fn serve_connection(&self, mut s: Stream, peer: &str) -> io::Result<()> {
+    fn serve_connection(&self, mut s: Stream, peer: &str, busy: &AtomicUsize) -> io::Result<()> {
         s.set_read_timeout(Some(self.settings.handshake_timeout))?;
         let exports = self.exports();
-        let ctx = HandshakeContext {
-            exports: &exports,
-            peer,
-            shutting_down: &self.shutting_down,
-        };
+        let ctx = HandshakeContext { exports: &exports, peer, shutting_down: &self.shutting_down };
         let session = match handshake::negotiate(&mut s, &ctx) {
             Ok(Ok(session)) => session,
             Ok(Err(HandshakeEnd::Closed)) => return Ok(()),
@@ -198,12 +173,7 @@ impl Server {
                 log::warn!("{peer}: handshake refused: {why}");
                 return Ok(());
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                 log::warn!(
                     "{peer}: handshake not finished within {:?}; disconnecting",
                     self.settings.handshake_timeout
@@ -214,13 +184,9 @@ impl Server {
         };
         s.set_read_timeout(None)?;
         let reader = BufReader::with_capacity(128 * 1024, s.try_clone()?);
-        let writer = ReplyWriter::new(
-            BufWriter::with_capacity(128 * 1024, s.try_clone()?),
-            session.mode,
-        );
-        let mut t = Transmission::new(&session, peer, &self.shutting_down);
-        let r = t.serve(reader, &writer);
-        drop(writer);
+        let writer = BufWriter::with_capacity(128 * 1024, s.try_clone()?);
+        let mut t = Transmission::new(&session, peer, &self.shutting_down, busy);
+        let r = t.serve(reader, writer);
         let _ = s.shutdown(Shutdown::Both);
         r
     }
@@ -233,34 +199,29 @@ impl Server {
         }
         log::info!("shutting down: no new connections, finishing requests in flight");
         // Wake the accept loops.
-        for a in self
-            .bound_tcp
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
+        for a in self.bound_tcp.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let _ = TcpStream::connect_timeout(a, Duration::from_millis(200));
         }
         if let Some(p) = &self.settings.unix {
             let _ = UnixStream::connect(p);
         }
-        // Stop reading new requests; replies to requests being served can
-        // still be written.
-        for s in self.live.lock().unwrap_or_else(|e| e.into_inner()).values() {
-            let _ = s.shutdown(Shutdown::Read);
-        }
+        // Requests that arrive from now on are answered ESHUTDOWN (options
+        // ERR_SHUTDOWN); a connection with nothing in flight is closed, one
+        // still working is closed once its replies are out.
         let deadline = Instant::now() + self.settings.shutdown_grace;
         while self.active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            for c in self.live.lock().unwrap_or_else(|e| e.into_inner()).values() {
+                if c.busy.load(Ordering::SeqCst) == 0 {
+                    let _ = c.stream.shutdown(Shutdown::Both);
+                }
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
         let left = self.active.load(Ordering::SeqCst);
         if left > 0 {
-            log::warn!(
-                "{left} connection(s) still busy after {:?}; closing them",
-                self.settings.shutdown_grace
-            );
-            for s in self.live.lock().unwrap_or_else(|e| e.into_inner()).values() {
-                let _ = s.shutdown(Shutdown::Both);
+            log::warn!("{left} connection(s) still busy after {:?}; closing them", self.settings.shutdown_grace);
+            for c in self.live.lock().unwrap_or_else(|e| e.into_inner()).values() {
+                let _ = c.stream.shutdown(Shutdown::Both);
             }
         }
     }

@@ -1,8 +1,6 @@
 //! Machinery behind [`crate::export_backend!`]. Not a stable interface.
 
-use crate::abi::{
-    self, BlockSize, ExtentSink, Handle, HostApi, Instance, OpenInfo, Param, PluginTable,
-};
+use crate::abi::{self, BlockSize, ExtentSink, Handle, HostApi, Instance, OpenInfo, Param, PluginTable};
 use crate::traits::*;
 use crate::{Error, Params};
 use std::ffi::CStr;
@@ -93,25 +91,11 @@ pub mod probes {
             impl<B> $no for &Probe<B> {}
         };
     }
-    probe!(
-        HasPwrite,
-        NoPwrite,
-        pwrite_fn,
-        Pwrite,
-        PwriteFn,
-        shim_pwrite
-    );
+    probe!(HasPwrite, NoPwrite, pwrite_fn, Pwrite, PwriteFn, shim_pwrite);
     probe!(HasFlush, NoFlush, flush_fn, Flush, FlushFn, shim_flush);
     probe!(HasTrim, NoTrim, trim_fn, Trim, RangeFn, shim_trim);
     probe!(HasZero, NoZero, zero_fn, Zero, RangeFn, shim_zero);
-    probe!(
-        HasExtents,
-        NoExtents,
-        extents_fn,
-        Extents,
-        ExtentsFn,
-        shim_extents
-    );
+    probe!(HasExtents, NoExtents, extents_fn, Extents, ExtentsFn, shim_extents);
     probe!(HasCache, NoCache, cache_fn, Cache, RangeFn, shim_cache);
 }
 
@@ -145,11 +129,7 @@ unsafe fn handle<'a, B: Backend>(h: Handle) -> &'a B::Handle {
     unsafe { &*(h as *const B::Handle) }
 }
 
-unsafe extern "C" fn shim_create<B: Backend>(
-    params: *const Param,
-    n: usize,
-    out: *mut Instance,
-) -> i32 {
+unsafe extern "C" fn shim_create<B: Backend>(params: *const Param, n: usize, out: *mut Instance) -> i32 {
     guard("create", || {
         let mut pairs = Vec::with_capacity(n);
         for i in 0..n {
@@ -157,10 +137,7 @@ unsafe extern "C" fn shim_create<B: Backend>(
             let p = unsafe { &*params.add(i) };
             // SAFETY: as above.
             let (k, v) = unsafe { (CStr::from_ptr(p.key), CStr::from_ptr(p.value)) };
-            pairs.push((
-                k.to_string_lossy().into_owned(),
-                v.to_string_lossy().into_owned(),
-            ));
+            pairs.push((k.to_string_lossy().into_owned(), v.to_string_lossy().into_owned()));
         }
         let inst = B::create(&Params::from_pairs(pairs))?;
         // SAFETY: `out` is a valid out-pointer from the host.
@@ -177,11 +154,7 @@ unsafe extern "C" fn shim_destroy<B: Backend>(inst: Instance) {
     });
 }
 
-unsafe extern "C" fn shim_open<B: Backend>(
-    inst: Instance,
-    info: *const OpenInfo,
-    out: *mut Handle,
-) -> i32 {
+unsafe extern "C" fn shim_open<B: Backend>(inst: Instance, info: *const OpenInfo, out: *mut Handle) -> i32 {
     guard("open", || {
         // SAFETY: `inst` is live (the host destroys it only after every
         // handle is closed) and `info` is valid for this call; fields past
@@ -253,13 +226,7 @@ can_shim!(shim_can_multi_conn, can_multi_conn, |b: bool| b as u32);
 can_shim!(shim_can_extents, can_extents, |b: bool| b as u32);
 can_shim!(shim_can_cache, can_cache, |s: Support| s as u32);
 
-unsafe extern "C" fn shim_pread<B: Backend>(
-    h: Handle,
-    buf: *mut u8,
-    count: u64,
-    offset: u64,
-    flags: u32,
-) -> i32 {
+unsafe extern "C" fn shim_pread<B: Backend>(h: Handle, buf: *mut u8, count: u64, offset: u64, flags: u32) -> i32 {
     guard("pread", || {
         // SAFETY: the host passes a writable buffer of `count` bytes.
         let buf = unsafe { std::slice::from_raw_parts_mut(buf, count as usize) };
@@ -268,13 +235,7 @@ unsafe extern "C" fn shim_pread<B: Backend>(
     })
 }
 
-unsafe extern "C" fn shim_pwrite<B: Backend>(
-    h: Handle,
-    buf: *const u8,
-    count: u64,
-    offset: u64,
-    flags: u32,
-) -> i32
+unsafe extern "C" fn shim_pwrite<B: Backend>(h: Handle, buf: *const u8, count: u64, offset: u64, flags: u32) -> i32
 where
     B::Handle: Pwrite,
 {
@@ -299,9 +260,7 @@ where
     B::Handle: Trim,
 {
     // SAFETY: live handle.
-    guard("trim", || {
-        unsafe { handle::<B>(h) }.trim(count, offset, Flags(flags))
-    })
+    guard("trim", || unsafe { handle::<B>(h) }.trim(count, offset, Flags(flags)))
 }
 
 unsafe extern "C" fn shim_zero<B: Backend>(h: Handle, count: u64, offset: u64, flags: u32) -> i32
@@ -309,9 +268,7 @@ where
     B::Handle: Zero,
 {
     // SAFETY: live handle.
-    guard("zero", || {
-        unsafe { handle::<B>(h) }.zero(count, offset, Flags(flags))
-    })
+    guard("zero", || unsafe { handle::<B>(h) }.zero(count, offset, Flags(flags)))
 }
 
 unsafe extern "C" fn shim_cache<B: Backend>(h: Handle, count: u64, offset: u64, flags: u32) -> i32
@@ -319,9 +276,7 @@ where
     B::Handle: Cache,
 {
     // SAFETY: live handle.
-    guard("cache", || {
-        unsafe { handle::<B>(h) }.cache(count, offset, Flags(flags))
-    })
+    guard("cache", || unsafe { handle::<B>(h) }.cache(count, offset, Flags(flags)))
 }
 
 unsafe extern "C" fn shim_extents<B: Backend>(
@@ -336,9 +291,7 @@ where
 {
     guard("extents", || {
         // SAFETY: the host passes a valid sink for the duration of the call.
-        let mut list = ExtentList {
-            sink: unsafe { &mut *sink },
-        };
+        let mut list = ExtentList { sink: unsafe { &mut *sink } };
         // SAFETY: live handle.
         unsafe { handle::<B>(h) }.extents(count, offset, Flags(flags), &mut list)
     })

@@ -232,14 +232,11 @@ pub struct PluginTable {
     pub n_params: usize,
 
     /// Create the per-export state from validated parameters.
-    pub create:
-        Option<unsafe extern "C" fn(params: *const Param, n: usize, out: *mut Instance) -> i32>,
+    pub create: Option<unsafe extern "C" fn(params: *const Param, n: usize, out: *mut Instance) -> i32>,
     /// Destroy the per-export state (after every handle is closed).
     pub destroy: Option<unsafe extern "C" fn(inst: Instance)>,
     /// Open a per-connection handle.
-    pub open: Option<
-        unsafe extern "C" fn(inst: Instance, info: *const OpenInfo, out: *mut Handle) -> i32,
-    >,
+    pub open: Option<unsafe extern "C" fn(inst: Instance, info: *const OpenInfo, out: *mut Handle) -> i32>,
     /// Close a handle.
     pub close: Option<unsafe extern "C" fn(h: Handle)>,
 
@@ -269,13 +266,9 @@ pub struct PluginTable {
     pub can_cache: Option<CanFn>,
 
     /// Read `count` bytes at `offset` into `buf`. Flags: none defined.
-    pub pread: Option<
-        unsafe extern "C" fn(h: Handle, buf: *mut u8, count: u64, offset: u64, flags: u32) -> i32,
-    >,
+    pub pread: Option<unsafe extern "C" fn(h: Handle, buf: *mut u8, count: u64, offset: u64, flags: u32) -> i32>,
     /// Write. Flags: [`FLAG_FUA`] (only if `can_fua` said NATIVE).
-    pub pwrite: Option<
-        unsafe extern "C" fn(h: Handle, buf: *const u8, count: u64, offset: u64, flags: u32) -> i32,
-    >,
+    pub pwrite: Option<unsafe extern "C" fn(h: Handle, buf: *const u8, count: u64, offset: u64, flags: u32) -> i32>,
     /// Make every completed write durable.
     pub flush: Option<unsafe extern "C" fn(h: Handle, flags: u32) -> i32>,
     /// Discard a range. Flags: [`FLAG_FUA`].
@@ -285,15 +278,8 @@ pub struct PluginTable {
     /// fail a fast-zero request).
     pub zero: Option<unsafe extern "C" fn(h: Handle, count: u64, offset: u64, flags: u32) -> i32>,
     /// Report allocation of `[offset, offset+count)`. Flags: [`FLAG_REQ_ONE`].
-    pub extents: Option<
-        unsafe extern "C" fn(
-            h: Handle,
-            count: u64,
-            offset: u64,
-            flags: u32,
-            sink: *mut ExtentSink,
-        ) -> i32,
-    >,
+    pub extents:
+        Option<unsafe extern "C" fn(h: Handle, count: u64, offset: u64, flags: u32, sink: *mut ExtentSink) -> i32>,
     /// Advisory prefetch.
     pub cache: Option<unsafe extern "C" fn(h: Handle, count: u64, offset: u64, flags: u32) -> i32>,
 }

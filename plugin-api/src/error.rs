@@ -18,10 +18,7 @@ impl Error {
     /// An error with an explicit errno.
     pub fn new(errno: i32, message: impl Into<String>) -> Self {
         let errno = if errno > 0 { errno } else { libc::EIO };
-        Error {
-            errno,
-            message: message.into(),
-        }
+        Error { errno, message: message.into() }
     }
     /// `EIO`: an I/O failure.
     pub fn io(message: impl Into<String>) -> Self {
@@ -42,10 +39,7 @@ impl Error {
     }
     /// Wrap an `std::io::Error`, keeping its errno, with context.
     pub fn from_io(context: impl fmt::Display, e: &std::io::Error) -> Self {
-        Self::new(
-            e.raw_os_error().unwrap_or(libc::EIO),
-            format!("{context}: {e}"),
-        )
+        Self::new(e.raw_os_error().unwrap_or(libc::EIO), format!("{context}: {e}"))
     }
 }
 

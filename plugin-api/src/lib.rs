@@ -34,8 +34,8 @@ pub mod __private;
 pub use error::{Error, Result};
 pub use params::{param, ParamKind, Params};
 pub use traits::{
-    Backend, BlockSize, Cache, Connection, ExtentList, Extents, Flags, Flush, OpenContext, Pwrite,
-    Support, ThreadModel, Trim, Zero,
+    Backend, BlockSize, Cache, Connection, ExtentList, Extents, Flags, Flush, OpenContext, Pwrite, Support,
+    ThreadModel, Trim, Zero,
 };
 
 /// Export a [`Backend`] implementation as an nbdhost plugin.

@@ -50,54 +50,33 @@ pub struct Params {
 
 impl Params {
     /// Build from key/value pairs (used by the entry shim and by tests).
-    pub fn from_pairs<K: Into<String>, V: Into<String>>(
-        pairs: impl IntoIterator<Item = (K, V)>,
-    ) -> Self {
-        Params {
-            pairs: pairs
-                .into_iter()
-                .map(|(k, v)| (k.into(), v.into()))
-                .collect(),
-        }
+    pub fn from_pairs<K: Into<String>, V: Into<String>>(pairs: impl IntoIterator<Item = (K, V)>) -> Self {
+        Params { pairs: pairs.into_iter().map(|(k, v)| (k.into(), v.into())).collect() }
     }
     /// Raw value of `key`.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.pairs
-            .iter()
-            .rev()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+        self.pairs.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
     /// Value of a required key.
     pub fn require(&self, key: &str) -> Result<&str> {
-        self.get(key)
-            .ok_or_else(|| Error::invalid(format!("parameter `{key}` is required")))
+        self.get(key).ok_or_else(|| Error::invalid(format!("parameter `{key}` is required")))
     }
     /// A size (normalised by the host to a decimal byte count).
     pub fn size(&self, key: &str) -> Result<Option<u64>> {
         self.get(key)
-            .map(|v| {
-                parse_size(v)
-                    .ok_or_else(|| Error::invalid(format!("parameter `{key}`: bad size `{v}`")))
-            })
+            .map(|v| parse_size(v).ok_or_else(|| Error::invalid(format!("parameter `{key}`: bad size `{v}`"))))
             .transpose()
     }
     /// An integer.
     pub fn int(&self, key: &str) -> Result<Option<i64>> {
         self.get(key)
-            .map(|v| {
-                v.parse()
-                    .map_err(|_| Error::invalid(format!("parameter `{key}`: bad integer `{v}`")))
-            })
+            .map(|v| v.parse().map_err(|_| Error::invalid(format!("parameter `{key}`: bad integer `{v}`"))))
             .transpose()
     }
     /// A boolean.
     pub fn bool(&self, key: &str) -> Result<Option<bool>> {
         self.get(key)
-            .map(|v| {
-                parse_bool(v)
-                    .ok_or_else(|| Error::invalid(format!("parameter `{key}`: bad boolean `{v}`")))
-            })
+            .map(|v| parse_bool(v).ok_or_else(|| Error::invalid(format!("parameter `{key}`: bad boolean `{v}`"))))
             .transpose()
     }
     /// A path.
@@ -127,8 +106,7 @@ pub fn parse_size(s: &str) -> Option<u64> {
         "e" | "eb" | "eib" => 60,
         _ => return None,
     };
-    n.checked_mul(1u64.checked_shl(shift)?)
-        .filter(|v| shift == 0 || v >> shift == n)
+    n.checked_mul(1u64.checked_shl(shift)?).filter(|v| shift == 0 || v >> shift == n)
 }
 
 /// Parse a boolean the way operators write them.

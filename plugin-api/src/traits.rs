@@ -174,13 +174,7 @@ pub trait Zero: Connection {
 pub trait Extents: Connection {
     /// Describe `[offset, offset+count)` through `out`, ascending and
     /// contiguous from `offset`. Covering less is fine; at least one extent.
-    fn extents(
-        &self,
-        count: u64,
-        offset: u64,
-        flags: Flags,
-        out: &mut ExtentList<'_>,
-    ) -> Result<()>;
+    fn extents(&self, count: u64, offset: u64, flags: Flags, out: &mut ExtentList<'_>) -> Result<()>;
 }
 
 /// Prefetching.

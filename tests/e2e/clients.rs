@@ -5,7 +5,10 @@ use nbdhost_tests::*;
 const MIB: usize = 1 << 20;
 
 fn mem_and_file(ex: &Exports, size: &str) {
-    ex.snippet("mem", &format!("description = \"RAM disk for tests\"\n[[layer]]\nplugin = \"memory\"\nsize = \"{size}\"\n"));
+    ex.snippet(
+        "mem",
+        &format!("description = \"RAM disk for tests\"\n[[layer]]\nplugin = \"memory\"\nsize = \"{size}\"\n"),
+    );
     ex.snippet(
         "disk",
         &format!("description = \"file-backed disk\"\n[[layer]]\nplugin = \"file\"\npath = \"disk.img\"\nsize = \"{size}\"\n"),
@@ -25,58 +28,17 @@ fn qemu_img_convert_round_trips_64mib_through_memory_and_file() {
     let srv = Server::start(&ex, &[]);
     for export in ["mem", "disk"] {
         let uri = srv.uri(export);
-        run_ok(
-            "qemu-img",
-            &[
-                "convert",
-                "-n",
-                "-f",
-                "raw",
-                "-O",
-                "raw",
-                src.to_str().unwrap(),
-                &uri,
-            ],
-        );
+        run_ok("qemu-img", &["convert", "-n", "-f", "raw", "-O", "raw", src.to_str().unwrap(), &uri]);
         let back = ex.path(&format!("back-{export}.img"));
-        run_ok(
-            "qemu-img",
-            &[
-                "convert",
-                "-f",
-                "raw",
-                "-O",
-                "raw",
-                &uri,
-                back.to_str().unwrap(),
-            ],
-        );
+        run_ok("qemu-img", &["convert", "-f", "raw", "-O", "raw", &uri, back.to_str().unwrap()]);
         let got = std::fs::read(&back).unwrap();
         assert_eq!(got.len(), data.len(), "{export}: size after round trip");
         assert!(got == data, "{export}: data after round trip differs");
-        let cmp = run(
-            "qemu-img",
-            &[
-                "compare",
-                "-f",
-                "raw",
-                "-F",
-                "raw",
-                src.to_str().unwrap(),
-                &uri,
-            ],
-        );
-        assert!(
-            cmp.status.success(),
-            "{export}: qemu-img compare: {}",
-            String::from_utf8_lossy(&cmp.stdout)
-        );
+        let cmp = run("qemu-img", &["compare", "-f", "raw", "-F", "raw", src.to_str().unwrap(), &uri]);
+        assert!(cmp.status.success(), "{export}: qemu-img compare: {}", String::from_utf8_lossy(&cmp.stdout));
     }
     // The file export really wrote the backing file.
-    assert!(
-        std::fs::read(ex.path("disk.img")).unwrap() == data,
-        "disk.img on disk differs from what was written"
-    );
+    assert!(std::fs::read(ex.path("disk.img")).unwrap() == data, "disk.img on disk differs from what was written");
 }
 
 #[test]
@@ -86,19 +48,16 @@ fn nbdinfo_list_shows_every_export_with_its_description() {
     }
     let ex = Exports::new();
     mem_and_file(&ex, "8M");
-    ex.snippet("ro", "description = \"read-only scratch\"\nreadonly = true\n[[layer]]\nplugin = \"memory\"\nsize = \"1M\"\n");
-    let srv = Server::start(&ex, &[]);
-    let out = run_ok(
-        "nbdinfo",
-        &["--list", "--json", &format!("nbd://{}", srv.addr)],
+    ex.snippet(
+        "ro",
+        "description = \"read-only scratch\"\nreadonly = true\n[[layer]]\nplugin = \"memory\"\nsize = \"1M\"\n",
     );
+    let srv = Server::start(&ex, &[]);
+    let out = run_ok("nbdinfo", &["--list", "--json", &format!("nbd://{}", srv.addr)]);
     let v: serde_json::Value = serde_json::from_str(&out).expect("nbdinfo --json output");
     let exports = v["exports"].as_array().expect("exports array");
     let find = |name: &str| {
-        exports
-            .iter()
-            .find(|e| e["export-name"] == name)
-            .unwrap_or_else(|| panic!("{name} missing: {out}"))
+        exports.iter().find(|e| e["export-name"] == name).unwrap_or_else(|| panic!("{name} missing: {out}"))
     };
     assert_eq!(exports.len(), 3, "{out}");
     assert_eq!(find("mem")["description"], "RAM disk for tests");
@@ -173,15 +132,11 @@ fn qemu_io_writes_and_reads_back_patterns() {
                 &uri,
             ],
         );
-        assert!(
-            !out.contains("Pattern verification failed"),
-            "{export}: {out}"
-        );
+        assert!(!out.contains("Pattern verification failed"), "{export}: {out}");
         assert_eq!(out.matches("read ").count(), 8, "{export}: {out}");
         // Past the end is refused, not wrapped or truncated.
         let past = run("qemu-io", &["-f", "raw", "-c", "read 16M 512", &uri]);
-        let text = String::from_utf8_lossy(&past.stdout).to_string()
-            + &String::from_utf8_lossy(&past.stderr);
+        let text = String::from_utf8_lossy(&past.stdout).to_string() + &String::from_utf8_lossy(&past.stderr);
         assert!(
             text.contains("Input/output error")
                 || text.contains("Invalid argument")
@@ -198,22 +153,14 @@ fn read_only_export_refuses_writes_with_eperm() {
         return;
     }
     let ex = Exports::new();
-    ex.snippet(
-        "ro",
-        "readonly = true\n[[layer]]\nplugin = \"memory\"\nsize = \"1M\"\n",
-    );
+    ex.snippet("ro", "readonly = true\n[[layer]]\nplugin = \"memory\"\nsize = \"1M\"\n");
     let srv = Server::start(&ex, &[]);
     // qemu-io opens read-only exports read-only; force a raw write through
     // libnbd instead if it is there, else check qemu-io's refusal.
-    let o = run(
-        "qemu-io",
-        &["-f", "raw", "-c", "write -P 1 0 4k", &srv.uri("ro")],
-    );
+    let o = run("qemu-io", &["-f", "raw", "-c", "write -P 1 0 4k", &srv.uri("ro")]);
     let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
     assert!(
-        text.contains("read-only")
-            || text.contains("Operation not permitted")
-            || text.contains("Permission denied"),
+        text.contains("read-only") || text.contains("Operation not permitted") || text.contains("Permission denied"),
         "{text}"
     );
     if require_python_nbd() {
@@ -234,11 +181,7 @@ except nbd.Error as e:
         );
         let out = String::from_utf8_lossy(&o.stdout);
         // The server answers NBD_EPERM.
-        assert!(
-            out.contains("errno EPERM"),
-            "{out} {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        assert!(out.contains("errno EPERM"), "{out} {}", String::from_utf8_lossy(&o.stderr));
     }
 }
 
@@ -261,27 +204,11 @@ fn unix_socket_and_default_export() {
         ],
         false,
     );
-    let out = run_ok(
-        "nbdinfo",
-        &[
-            "--size",
-            &format!("nbd+unix:///disk?socket={}", sock.display()),
-        ],
-    );
+    let out = run_ok("nbdinfo", &["--size", &format!("nbd+unix:///disk?socket={}", sock.display())]);
     assert_eq!(out.trim(), (4 * MIB).to_string());
     // The empty export name means the default export.
-    let info = run_ok(
-        "qemu-img",
-        &[
-            "info",
-            "--output=json",
-            &format!("nbd+unix://?socket={}", sock.display()),
-        ],
-    );
-    assert!(
-        info.contains(&format!("\"virtual-size\": {}", 4 * MIB)),
-        "{info}"
-    );
+    let info = run_ok("qemu-img", &["info", "--output=json", &format!("nbd+unix://?socket={}", sock.display())]);
+    assert!(info.contains(&format!("\"virtual-size\": {}", 4 * MIB)), "{info}");
     drop(srv);
 }
 
@@ -303,10 +230,7 @@ fn unknown_export_gets_a_clear_refusal() {
     let replies = r.opt_replies();
     assert_eq!(replies.len(), 1, "no INFO before ERR_UNKNOWN");
     assert_eq!(replies[0].1, 0x8000_0006);
-    assert_eq!(
-        String::from_utf8_lossy(&replies[0].2),
-        "export `nosuch` does not exist"
-    );
+    assert_eq!(String::from_utf8_lossy(&replies[0].2), "export `nosuch` does not exist");
     // The connection stays usable after a failed GO.
     assert_eq!(r.go("mem").0, 1 << 20);
     // Without a default export the empty name is refused too, and says why.
@@ -316,9 +240,5 @@ fn unknown_export_gets_a_clear_refusal() {
     r.option(7, &Raw::info_data("", &[]));
     let (_, kind, msg) = r.opt_reply();
     assert_eq!(kind, 0x8000_0006);
-    assert!(
-        String::from_utf8_lossy(&msg).contains("no default export"),
-        "{}",
-        String::from_utf8_lossy(&msg)
-    );
+    assert!(String::from_utf8_lossy(&msg).contains("no default export"), "{}", String::from_utf8_lossy(&msg));
 }

@@ -19,11 +19,7 @@ fn sigterm_exits_zero_promptly_with_an_idle_client_connected() {
     let t = Instant::now();
     let st = srv.terminate();
     assert!(st.success(), "exit status {st}:\n{}", srv.log());
-    assert!(
-        t.elapsed() < Duration::from_secs(5),
-        "shutdown took {:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(5), "shutdown took {:?}", t.elapsed());
     assert!(idle.closed(), "idle client not disconnected");
 }
 
@@ -129,10 +125,7 @@ fn hostile_handshakes_are_dropped_and_others_keep_being_served() {
 #[test]
 fn write_to_a_read_only_export_is_eperm_and_its_payload_is_consumed() {
     let ex = Exports::new();
-    ex.snippet(
-        "ro",
-        "readonly = true\n[[layer]]\nplugin = \"memory\"\nsize = \"1M\"\n",
-    );
+    ex.snippet("ro", "readonly = true\n[[layer]]\nplugin = \"memory\"\nsize = \"1M\"\n");
     let srv = Server::start(&ex, &[]);
     let mut r = Raw::fixed(&srv.addr);
     let (_, flags) = r.go("ro");
@@ -172,9 +165,5 @@ fn a_handshake_that_stalls_is_timed_out() {
     let t = Instant::now();
     assert!(r.closed(), "stalled handshake not dropped");
     assert!(t.elapsed() < Duration::from_secs(5));
-    assert!(
-        srv.log().contains("handshake not finished"),
-        "{}",
-        srv.log()
-    );
+    assert!(srv.log().contains("handshake not finished"), "{}", srv.log());
 }

@@ -8,15 +8,7 @@ fn faulty_server(ex: &Exports) -> Server {
     ex.snippet("bad", "description = \"misbehaving test plugin\"\n[[layer]]\nplugin = \"faulty\"\nsize = \"16M\"\n");
     ex.snippet("mem", "[[layer]]\nplugin = \"memory\"\nsize = \"1M\"\n");
     let art = artifacts();
-    Server::start(
-        ex,
-        &[
-            "--plugin-dir",
-            dir.to_str().unwrap(),
-            "--plugin-dir",
-            art.to_str().unwrap(),
-        ],
-    )
+    Server::start(ex, &["--plugin-dir", dir.to_str().unwrap(), "--plugin-dir", art.to_str().unwrap()])
 }
 
 #[test]
@@ -97,20 +89,14 @@ fn panicking_plugin_fails_one_request_and_the_server_keeps_serving() {
     let o = python(PANIC_SCRIPT, &[&srv.uri("bad")]);
     let out = String::from_utf8_lossy(&o.stdout);
     let debug = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        o.status.success() && out.contains("OK"),
-        "{out}\n{debug}\nserver log:\n{}",
-        srv.log()
-    );
+    assert!(o.status.success() && out.contains("OK"), "{out}\n{debug}\nserver log:\n{}", srv.log());
     // The plugin's messages reached the client in structured error chunks.
     assert!(
         debug.contains("structured error server message: plugin panicked in pread: faulty plugin: deliberate panic reading offset 1048576"),
         "{debug}"
     );
     assert!(
-        debug.contains(
-            "structured error server message: faulty plugin: injected failure at offset 2097152"
-        ),
+        debug.contains("structured error server message: faulty plugin: injected failure at offset 2097152"),
         "{debug}"
     );
     assert!(srv.alive(), "server died:\n{}", srv.log());
@@ -119,16 +105,8 @@ fn panicking_plugin_fails_one_request_and_the_server_keeps_serving() {
         "import nbd,sys\nh=nbd.NBD()\nh.connect_uri(sys.argv[1])\nh.pwrite(b'z'*512,0)\nassert h.pread(512,0)==b'z'*512\nprint('OK')",
         &[&srv.uri("mem")],
     );
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("OK"),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(
-        srv.log().contains("plugin panicked in pread"),
-        "panic not logged:\n{}",
-        srv.log()
-    );
+    assert!(String::from_utf8_lossy(&o.stdout).contains("OK"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(srv.log().contains("plugin panicked in pread"), "panic not logged:\n{}", srv.log());
 }
 
 #[test]
@@ -138,24 +116,10 @@ fn qemu_io_sees_eio_for_a_panicking_block_and_reads_the_rest() {
     }
     let ex = Exports::new();
     let mut srv = faulty_server(&ex);
-    let o = run(
-        "qemu-io",
-        &["-f", "raw", "-c", "read 1M 4k", &srv.uri("bad")],
-    );
+    let o = run("qemu-io", &["-f", "raw", "-c", "read 1M 4k", &srv.uri("bad")]);
     let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
     assert!(text.contains("Input/output error"), "{text}");
-    run_ok(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "read -P 0 0 1M",
-            "-c",
-            "read -P 0 3M 1M",
-            &srv.uri("bad"),
-        ],
-    );
+    run_ok("qemu-io", &["-f", "raw", "-c", "read -P 0 0 1M", "-c", "read -P 0 3M 1M", &srv.uri("bad")]);
     assert!(srv.alive());
 }
 
@@ -165,10 +129,7 @@ fn check(ex: &Exports, extra: &[&str]) -> (bool, String) {
     args.push(&d);
     args.extend_from_slice(extra);
     let o = run(nbdhost_bin().to_str().unwrap(), &args);
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stderr).into_owned() + &String::from_utf8_lossy(&o.stdout),
-    )
+    (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned() + &String::from_utf8_lossy(&o.stdout))
 }
 
 #[test]
@@ -193,10 +154,7 @@ fn shared_objects_that_are_not_plugins_are_refused_with_the_reason() {
     ex.snippet("g", "[[layer]]\nplugin = \"garbage\"\n");
     let (ok, text) = check(&ex, &["--plugin-dir", plugdir.to_str().unwrap()]);
     assert!(!ok);
-    assert!(
-        text.contains("garbage.so") && text.contains("cannot load"),
-        "{text}"
-    );
+    assert!(text.contains("garbage.so") && text.contains("cannot load"), "{text}");
 
     // A real shared object without our entry point.
     let libm = [
@@ -213,10 +171,7 @@ fn shared_objects_that_are_not_plugins_are_refused_with_the_reason() {
     ex.snippet("m", "[[layer]]\nplugin = \"libmath\"\n");
     let (ok, text) = check(&ex, &["--plugin-dir", plugdir.to_str().unwrap()]);
     assert!(!ok);
-    assert!(
-        text.contains("not an nbdhost plugin") && text.contains("nbdhost_plugin_entry"),
-        "{text}"
-    );
+    assert!(text.contains("not an nbdhost plugin") && text.contains("nbdhost_plugin_entry"), "{text}");
 }
 
 #[test]
@@ -226,9 +181,7 @@ fn plugin_parameters_are_validated_against_the_plugins_declarations() {
     let (ok, text) = check(&ex, &[]);
     assert!(!ok);
     assert!(
-        text.contains("m.toml:3")
-            && text.contains("unknown parameter `szie`")
-            && text.contains("takes: size"),
+        text.contains("m.toml:3") && text.contains("unknown parameter `szie`") && text.contains("takes: size"),
         "{text}"
     );
 
@@ -237,9 +190,7 @@ fn plugin_parameters_are_validated_against_the_plugins_declarations() {
     let (ok, text) = check(&ex, &[]);
     assert!(!ok);
     assert!(
-        text.contains("m.toml:3")
-            && text.contains("parameter `size`")
-            && text.contains("`lots` is not a size"),
+        text.contains("m.toml:3") && text.contains("parameter `size`") && text.contains("`lots` is not a size"),
         "{text}"
     );
 

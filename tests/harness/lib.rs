@@ -13,17 +13,12 @@ use std::time::{Duration, Instant};
 
 /// The workspace root (parent of `tests/`).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
 }
 
 /// Where cargo put the workspace's artifacts.
 pub fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
 }
 
 /// Directory with the debug `nbdhost` binary and bundled plugins.
@@ -46,10 +41,9 @@ pub fn nbdhost_bin() -> PathBuf {
 /// True if `tool` is on PATH. When it is not: panic under CI, otherwise
 /// print a loud skip notice and return false.
 pub fn require_tool(tool: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-        .unwrap_or(false)
-        || Path::new(tool).is_file();
+    let found =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file())).unwrap_or(false)
+            || Path::new(tool).is_file();
     if found {
         return true;
     }
@@ -82,10 +76,7 @@ pub fn require_python_nbd() -> bool {
 
 /// Run a command, returning its output (never panics on failure).
 pub fn run(cmd: &str, args: &[&str]) -> Output {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
+    Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
 }
 
 /// Run a command and assert it succeeded; returns stdout as text.
@@ -117,12 +108,7 @@ pub struct Exports {
 impl Exports {
     /// An empty exports directory.
     pub fn new() -> Self {
-        Exports {
-            dir: tempfile::Builder::new()
-                .prefix("nbdhost-test-")
-                .tempdir()
-                .expect("tempdir"),
-        }
+        Exports { dir: tempfile::Builder::new().prefix("nbdhost-test-").tempdir().expect("tempdir") }
     }
     /// Write `NAME.toml` with `body`.
     pub fn snippet(&self, name: &str, body: &str) -> &Self {
@@ -156,12 +142,7 @@ pub struct Server {
 impl Server {
     /// Start on 127.0.0.1 with a free port, serving `exports`.
     pub fn start(exports: &Exports, extra: &[&str]) -> Server {
-        let mut args = vec![
-            "--exports-dir".to_string(),
-            exports.dir_str(),
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-        ];
+        let mut args = vec!["--exports-dir".to_string(), exports.dir_str(), "--listen".into(), "127.0.0.1:0".into()];
         args.extend(extra.iter().map(|s| s.to_string()));
         Self::start_args(&args, true)
     }
@@ -187,11 +168,7 @@ impl Server {
                 let _ = tx.send(line);
             }
         });
-        let want = if wait_tcp {
-            "listening on tcp "
-        } else {
-            "listening on unix "
-        };
+        let want = if wait_tcp { "listening on tcp " } else { "listening on unix " };
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut addr = String::new();
         while Instant::now() < deadline {
@@ -210,17 +187,9 @@ impl Server {
                 Err(_) => break,
             }
         }
-        assert!(
-            !addr.is_empty(),
-            "nbdhost did not start listening:\n{}",
-            log.lock().unwrap()
-        );
+        assert!(!addr.is_empty(), "nbdhost did not start listening:\n{}", log.lock().unwrap());
         // Keep draining stderr in the background (the thread above does).
-        Server {
-            child: Some(child),
-            addr,
-            log,
-        }
+        Server { child: Some(child), addr, log }
     }
 
     /// `nbd://ADDR/EXPORT`.
@@ -260,10 +229,7 @@ impl Server {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!(
-                    "nbdhost did not exit within 20 s of SIGTERM:\n{}",
-                    self.log()
-                );
+                panic!("nbdhost did not exit within 20 s of SIGTERM:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -288,10 +254,7 @@ pub fn build_test_plugin(name: &str) -> PathBuf {
     if let Some((_, d)) = built.iter().find(|(n, _)| n == name) {
         return d.clone();
     }
-    let manifest = workspace_root()
-        .join("tests/plugins")
-        .join(name)
-        .join("Cargo.toml");
+    let manifest = workspace_root().join("tests/plugins").join(name).join("Cargo.toml");
     let target = target_dir().join("test-plugins");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let o = Command::new(cargo)
@@ -301,11 +264,7 @@ pub fn build_test_plugin(name: &str) -> PathBuf {
         .arg(&target)
         .output()
         .expect("run cargo");
-    assert!(
-        o.status.success(),
-        "building test plugin {name} failed:\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.status.success(), "building test plugin {name} failed:\n{}", String::from_utf8_lossy(&o.stderr));
     let out = target.join("debug");
     built.push((name.to_string(), out.clone()));
     out
@@ -390,11 +349,7 @@ impl Raw {
     pub fn opt_reply(&mut self) -> OptReply {
         let mut h = [0u8; 20];
         self.read(&mut h);
-        assert_eq!(
-            &h[..8],
-            &0x0003_e889_0455_65a9u64.to_be_bytes(),
-            "option reply magic"
-        );
+        assert_eq!(&h[..8], &0x0003_e889_0455_65a9u64.to_be_bytes(), "option reply magic");
         let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
         let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
         let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
@@ -429,30 +384,15 @@ impl Raw {
         self.option(7, &Self::info_data(name, &[]));
         let mut res = None;
         for (_, kind, d) in self.opt_replies() {
-            assert!(
-                kind & 0x8000_0000 == 0,
-                "GO failed: {kind:#x} {}",
-                String::from_utf8_lossy(&d)
-            );
+            assert!(kind & 0x8000_0000 == 0, "GO failed: {kind:#x} {}", String::from_utf8_lossy(&d));
             if kind == 3 && u16::from_be_bytes([d[0], d[1]]) == 0 {
-                res = Some((
-                    u64::from_be_bytes(d[2..10].try_into().unwrap()),
-                    u16::from_be_bytes([d[10], d[11]]),
-                ));
+                res = Some((u64::from_be_bytes(d[2..10].try_into().unwrap()), u16::from_be_bytes([d[10], d[11]])));
             }
         }
         res.expect("NBD_INFO_EXPORT in GO reply")
     }
     /// Send a compact request header (plus `payload`).
-    pub fn request(
-        &mut self,
-        flags: u16,
-        cmd: u16,
-        cookie: u64,
-        offset: u64,
-        len: u32,
-        payload: &[u8],
-    ) {
+    pub fn request(&mut self, flags: u16, cmd: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) {
         let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
         b.extend_from_slice(&flags.to_be_bytes());
         b.extend_from_slice(&cmd.to_be_bytes());
@@ -467,9 +407,6 @@ impl Raw {
         let mut h = [0u8; 16];
         self.read(&mut h);
         assert_eq!(&h[..4], &0x6744_6698u32.to_be_bytes(), "simple reply magic");
-        (
-            u32::from_be_bytes(h[4..8].try_into().unwrap()),
-            u64::from_be_bytes(h[8..16].try_into().unwrap()),
-        )
+        (u32::from_be_bytes(h[4..8].try_into().unwrap()), u64::from_be_bytes(h[8..16].try_into().unwrap()))
     }
 }

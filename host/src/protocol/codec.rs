@@ -14,11 +14,7 @@ pub enum FramingError {
     /// Client flags contained bits we do not know or did not offer.
     BadClientFlags(u32),
     /// A length exceeded what we accept (would be a DoS to read).
-    TooLong {
-        what: &'static str,
-        len: u64,
-        max: u64,
-    },
+    TooLong { what: &'static str, len: u64, max: u64 },
 }
 
 impl fmt::Display for FramingError {
@@ -72,10 +68,7 @@ pub fn parse_client_flags(b: [u8; 4]) -> Result<ClientFlags, FramingError> {
     if v & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
         return Err(FramingError::BadClientFlags(v));
     }
-    Ok(ClientFlags {
-        fixed_newstyle: v & FLAG_C_FIXED_NEWSTYLE != 0,
-        no_zeroes: v & FLAG_C_NO_ZEROES != 0,
-    })
+    Ok(ClientFlags { fixed_newstyle: v & FLAG_C_FIXED_NEWSTYLE != 0, no_zeroes: v & FLAG_C_NO_ZEROES != 0 })
 }
 
 /// Header of a client option.
@@ -94,15 +87,9 @@ impl OptionHeader {
     pub fn parse(b: &[u8; 16]) -> Result<Self, FramingError> {
         let magic = be64(b);
         if magic != IHAVEOPT {
-            return Err(FramingError::BadMagic {
-                what: "option",
-                got: magic,
-            });
+            return Err(FramingError::BadMagic { what: "option", got: magic });
         }
-        Ok(OptionHeader {
-            option: be32(&b[8..]),
-            length: be32(&b[12..]),
-        })
+        Ok(OptionHeader { option: be32(&b[8..]), length: be32(&b[12..]) })
     }
 }
 
@@ -158,10 +145,7 @@ pub struct InvalidOption(pub String);
 
 fn string(b: &[u8], what: &str) -> Result<String, InvalidOption> {
     if b.len() > MAX_STRING {
-        return Err(InvalidOption(format!(
-            "{what} is {} bytes, over the {MAX_STRING}-byte limit",
-            b.len()
-        )));
+        return Err(InvalidOption(format!("{what} is {} bytes, over the {MAX_STRING}-byte limit", b.len())));
     }
     if b.contains(&0) {
         return Err(InvalidOption(format!("{what} contains a NUL byte")));
@@ -193,11 +177,7 @@ impl<'a> Cursor<'a> {
         if self.b.is_empty() {
             Ok(())
         } else {
-            Err(InvalidOption(format!(
-                "{} data has {} trailing bytes",
-                self.what,
-                self.b.len()
-            )))
+            Err(InvalidOption(format!("{} data has {} trailing bytes", self.what, self.b.len())))
         }
     }
 }
@@ -206,10 +186,7 @@ fn no_data(opt: &'static str, data: &[u8], v: ClientOption) -> Result<ClientOpti
     if data.is_empty() {
         Ok(v)
     } else {
-        Err(InvalidOption(format!(
-            "{opt} takes no data, got {} bytes",
-            data.len()
-        )))
+        Err(InvalidOption(format!("{opt} takes no data, got {} bytes", data.len())))
     }
 }
 
@@ -220,31 +197,14 @@ pub fn parse_option(option: u32, data: &[u8]) -> Result<ClientOption, InvalidOpt
         OPT_ABORT => Ok(ClientOption::Abort),
         OPT_LIST => no_data("NBD_OPT_LIST", data, ClientOption::List),
         OPT_STARTTLS => no_data("NBD_OPT_STARTTLS", data, ClientOption::StartTls),
-        OPT_STRUCTURED_REPLY => no_data(
-            "NBD_OPT_STRUCTURED_REPLY",
-            data,
-            ClientOption::StructuredReply,
-        ),
-        OPT_EXTENDED_HEADERS => no_data(
-            "NBD_OPT_EXTENDED_HEADERS",
-            data,
-            ClientOption::ExtendedHeaders,
-        ),
+        OPT_STRUCTURED_REPLY => no_data("NBD_OPT_STRUCTURED_REPLY", data, ClientOption::StructuredReply),
+        OPT_EXTENDED_HEADERS => no_data("NBD_OPT_EXTENDED_HEADERS", data, ClientOption::ExtendedHeaders),
         OPT_INFO | OPT_GO => {
-            let mut c = Cursor {
-                b: data,
-                what: if option == OPT_GO {
-                    "NBD_OPT_GO"
-                } else {
-                    "NBD_OPT_INFO"
-                },
-            };
+            let mut c = Cursor { b: data, what: if option == OPT_GO { "NBD_OPT_GO" } else { "NBD_OPT_INFO" } };
             let len = c.u32()? as usize;
             // Spec: name length MUST be <= option length - 6.
             if len > data.len().saturating_sub(6) {
-                return Err(InvalidOption(format!(
-                    "export name length {len} overruns the option data"
-                )));
+                return Err(InvalidOption(format!("export name length {len} overruns the option data")));
             }
             let name = string(c.take(len)?, "export name")?;
             let n = c.u16()? as usize;
@@ -254,18 +214,11 @@ pub fn parse_option(option: u32, data: &[u8]) -> Result<ClientOption, InvalidOpt
             }
             c.end()?;
             let req = InfoRequest { name, requests };
-            Ok(if option == OPT_GO {
-                ClientOption::Go(req)
-            } else {
-                ClientOption::Info(req)
-            })
+            Ok(if option == OPT_GO { ClientOption::Go(req) } else { ClientOption::Info(req) })
         }
         OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
-            let what = if option == OPT_SET_META_CONTEXT {
-                "NBD_OPT_SET_META_CONTEXT"
-            } else {
-                "NBD_OPT_LIST_META_CONTEXT"
-            };
+            let what =
+                if option == OPT_SET_META_CONTEXT { "NBD_OPT_SET_META_CONTEXT" } else { "NBD_OPT_LIST_META_CONTEXT" };
             let mut c = Cursor { b: data, what };
             let len = c.u32()? as usize;
             let name = string(c.take(len)?, "export name")?;
@@ -380,44 +333,25 @@ pub fn request_header_len(extended: bool) -> usize {
 /// Parse a request header (`b` must be `request_header_len(extended)` long).
 pub fn parse_request(b: &[u8], extended: bool) -> Result<Request, FramingError> {
     let magic = be32(b);
-    let want = if extended {
-        EXTENDED_REQUEST_MAGIC
-    } else {
-        REQUEST_MAGIC
-    };
+    let want = if extended { EXTENDED_REQUEST_MAGIC } else { REQUEST_MAGIC };
     if magic != want {
-        return Err(FramingError::BadMagic {
-            what: "request",
-            got: magic as u64,
-        });
+        return Err(FramingError::BadMagic { what: "request", got: magic as u64 });
     }
-    let length = if extended {
-        be64(&b[24..])
-    } else {
-        be32(&b[24..]) as u64
-    };
-    Ok(Request {
-        flags: be16(&b[4..]),
-        command: be16(&b[6..]),
-        cookie: be64(&b[8..]),
-        offset: be64(&b[16..]),
-        length,
-    })
+    let length = if extended { be64(&b[24..]) } else { be32(&b[24..]) as u64 };
+    Ok(Request { flags: be16(&b[4..]), command: be16(&b[6..]), cookie: be64(&b[8..]), offset: be64(&b[16..]), length })
 }
 
 impl Request {
-    /// How many payload bytes follow this header on the wire. Compact WRITE
-    /// always carries `length` bytes; extended requests carry a payload iff
-    /// PAYLOAD_LEN is set. These bytes must be consumed even if the request
-    /// is refused, to keep framing.
+    /// How many payload bytes follow this header on the wire. These bytes
+    /// must be consumed even if the request is refused, to keep framing.
+    ///
+    /// A WRITE always carries `length` bytes. With extended headers the spec
+    /// says a WRITE MUST also set PAYLOAD_LEN, but qemu 10's client sends the
+    /// payload without the flag; a WRITE has no payload-free form, so we read
+    /// it either way. Other extended requests carry a payload iff
+    /// PAYLOAD_LEN is set.
     pub fn payload_len(&self, extended: bool) -> u64 {
-        if extended {
-            if self.flags & CMD_FLAG_PAYLOAD_LEN != 0 {
-                self.length
-            } else {
-                0
-            }
-        } else if self.command == CMD_WRITE {
+        if self.command == CMD_WRITE || (extended && self.flags & CMD_FLAG_PAYLOAD_LEN != 0) {
             self.length
         } else {
             0
@@ -485,11 +419,13 @@ pub fn clamp_message(msg: &str) -> &str {
     &msg[..end]
 }
 
-/// Append a complete ERROR (or ERROR_OFFSET when `offset` is given) chunk
-/// with the DONE flag.
+/// Append an ERROR (or ERROR_OFFSET when `offset` is given) chunk. `flags`
+/// is `REPLY_FLAG_DONE` when it ends the reply.
+#[allow(clippy::too_many_arguments)]
 pub fn encode_error_chunk(
     out: &mut Vec<u8>,
     mode: ReplyMode,
+    flags: u16,
     cookie: u64,
     req_offset: u64,
     error: u32,
@@ -498,25 +434,43 @@ pub fn encode_error_chunk(
 ) {
     let msg = clamp_message(msg);
     let len = 6 + msg.len() + if offset.is_some() { 8 } else { 0 };
-    let kind = if offset.is_some() {
-        REPLY_TYPE_ERROR_OFFSET
-    } else {
-        REPLY_TYPE_ERROR
-    };
-    encode_chunk_header(
-        out,
-        mode,
-        REPLY_FLAG_DONE,
-        kind,
-        cookie,
-        req_offset,
-        len as u64,
-    );
+    let kind = if offset.is_some() { REPLY_TYPE_ERROR_OFFSET } else { REPLY_TYPE_ERROR };
+    encode_chunk_header(out, mode, flags, kind, cookie, req_offset, len as u64);
     out.extend_from_slice(&error.to_be_bytes());
     out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
     out.extend_from_slice(msg.as_bytes());
     if let Some(o) = offset {
         out.extend_from_slice(&o.to_be_bytes());
+    }
+}
+
+/// Append a BLOCK_STATUS (compact) or BLOCK_STATUS_EXT (extended) chunk
+/// with DONE for one context. `extents` are (length, flags) pairs.
+pub fn encode_block_status(
+    out: &mut Vec<u8>,
+    mode: ReplyMode,
+    cookie: u64,
+    req_offset: u64,
+    context: u32,
+    extents: &[(u64, u32)],
+) {
+    if mode == ReplyMode::Extended {
+        let len = 8 + 16 * extents.len() as u64;
+        encode_chunk_header(out, mode, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS_EXT, cookie, req_offset, len);
+        out.extend_from_slice(&context.to_be_bytes());
+        out.extend_from_slice(&(extents.len() as u32).to_be_bytes());
+        for &(l, f) in extents {
+            out.extend_from_slice(&l.to_be_bytes());
+            out.extend_from_slice(&(f as u64).to_be_bytes());
+        }
+    } else {
+        let len = 4 + 8 * extents.len() as u64;
+        encode_chunk_header(out, mode, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, cookie, req_offset, len);
+        out.extend_from_slice(&context.to_be_bytes());
+        for &(l, f) in extents {
+            out.extend_from_slice(&(l as u32).to_be_bytes());
+            out.extend_from_slice(&f.to_be_bytes());
+        }
     }
 }
 
@@ -544,13 +498,7 @@ mod tests {
 
     #[test]
     fn client_flags() {
-        assert_eq!(
-            parse_client_flags([0, 0, 0, 3]).unwrap(),
-            ClientFlags {
-                fixed_newstyle: true,
-                no_zeroes: true
-            }
-        );
+        assert_eq!(parse_client_flags([0, 0, 0, 3]).unwrap(), ClientFlags { fixed_newstyle: true, no_zeroes: true });
         assert!(parse_client_flags([0, 0, 0, 4]).is_err());
         assert!(parse_client_flags([0x80, 0, 0, 1]).is_err());
     }
@@ -561,13 +509,7 @@ mod tests {
         h[..8].copy_from_slice(b"IHAVEOPT");
         h[11] = 7;
         h[15] = 9;
-        assert_eq!(
-            OptionHeader::parse(&h).unwrap(),
-            OptionHeader {
-                option: 7,
-                length: 9
-            }
-        );
+        assert_eq!(OptionHeader::parse(&h).unwrap(), OptionHeader { option: 7, length: 9 });
         h[0] = b'X';
         assert!(OptionHeader::parse(&h).is_err());
     }
@@ -577,10 +519,7 @@ mod tests {
         let d = info_data("disk", &[3, 1]);
         assert_eq!(
             parse_option(OPT_GO, &d).unwrap(),
-            ClientOption::Go(InfoRequest {
-                name: "disk".into(),
-                requests: vec![3, 1]
-            })
+            ClientOption::Go(InfoRequest { name: "disk".into(), requests: vec![3, 1] })
         );
         // Name length running past the data.
         let mut bad = d.clone();
@@ -601,14 +540,8 @@ mod tests {
         assert!(parse_option(OPT_STARTTLS, b"x").is_err());
         assert!(parse_option(OPT_STRUCTURED_REPLY, b"x").is_err());
         assert!(parse_option(OPT_EXTENDED_HEADERS, b"x").is_err());
-        assert_eq!(
-            parse_option(OPT_ABORT, b"ignored").unwrap(),
-            ClientOption::Abort
-        );
-        assert_eq!(
-            parse_option(999, b"zz").unwrap(),
-            ClientOption::Unknown(999)
-        );
+        assert_eq!(parse_option(OPT_ABORT, b"ignored").unwrap(), ClientOption::Abort);
+        assert_eq!(parse_option(999, b"zz").unwrap(), ClientOption::Unknown(999));
     }
 
     #[test]
@@ -638,16 +571,7 @@ mod tests {
         b.extend_from_slice(&4096u64.to_be_bytes());
         b.extend_from_slice(&512u32.to_be_bytes());
         let r = parse_request(&b, false).unwrap();
-        assert_eq!(
-            r,
-            Request {
-                flags: 1,
-                command: 1,
-                cookie: 0xdead_beef,
-                offset: 4096,
-                length: 512
-            }
-        );
+        assert_eq!(r, Request { flags: 1, command: 1, cookie: 0xdead_beef, offset: 4096, length: 512 });
         assert_eq!(r.payload_len(false), 512);
         b[0] = 0;
         assert!(parse_request(&b, false).is_err());
@@ -662,19 +586,18 @@ mod tests {
     #[test]
     fn error_chunk_layout() {
         let mut out = Vec::new();
-        encode_error_chunk(
-            &mut out,
-            ReplyMode::Structured,
-            7,
-            0,
-            NBD_EINVAL,
-            "bad",
-            None,
-        );
+        encode_error_chunk(&mut out, ReplyMode::Structured, REPLY_FLAG_DONE, 7, 0, NBD_EINVAL, "bad", None);
         assert_eq!(out.len(), 20 + 6 + 3);
         assert_eq!(&out[4..6], &REPLY_FLAG_DONE.to_be_bytes());
         assert_eq!(&out[6..8], &REPLY_TYPE_ERROR.to_be_bytes());
         assert_eq!(&out[16..20], &9u32.to_be_bytes());
+        let mut bs = Vec::new();
+        encode_block_status(&mut bs, ReplyMode::Structured, 1, 0, 9, &[(4096, 3), (512, 0)]);
+        assert_eq!(bs.len(), 20 + 4 + 16);
+        let mut ext = Vec::new();
+        encode_block_status(&mut ext, ReplyMode::Extended, 1, 0, 9, &[(1 << 40, 3)]);
+        assert_eq!(ext.len(), 32 + 8 + 16);
+        assert_eq!(&ext[6..8], &REPLY_TYPE_BLOCK_STATUS_EXT.to_be_bytes());
         let long = "é".repeat(3000);
         assert!(clamp_message(&long).len() <= MAX_STRING);
     }

@@ -28,6 +28,42 @@ pub struct Session {
     pub mode: ReplyMode,
     /// Transmission flags sent to the client.
     pub tflags: u16,
+    /// Context ID of `base:allocation` if it was selected for this export.
+    pub allocation_context: Option<u32>,
+}
+
+/// The only metadata context we serve.
+pub const BASE_ALLOCATION: &str = "base:allocation";
+
+/// The outcome of the last NBD_OPT_SET_META_CONTEXT.
+#[derive(Debug, Clone, Default)]
+struct MetaSelection {
+    /// Canonical name of the export it was made for.
+    export: Option<String>,
+    /// ID given to `base:allocation`, if selected.
+    allocation: Option<u32>,
+}
+
+/// Which contexts a list of queries picks out. `list` is LIST semantics
+/// (`base:` is a wildcard, no queries means everything); SET semantics
+/// otherwise. Queries in other namespaces are ignored, as the spec demands.
+fn match_queries(queries: &[String], list: bool) -> Result<bool, String> {
+    if queries.is_empty() {
+        return Ok(list);
+    }
+    let mut allocation = false;
+    for q in queries {
+        let Some((ns, leaf)) = q.split_once(':') else {
+            return Err(format!("meta context query `{q}` has no namespace"));
+        };
+        if ns.is_empty() {
+            return Err(format!("meta context query `{q}` has an empty namespace"));
+        }
+        if ns == "base" && (leaf == "allocation" || (list && leaf.is_empty())) {
+            allocation = true;
+        }
+    }
+    Ok(allocation)
 }
 
 /// Everything the option phase needs from the server.
@@ -91,6 +127,8 @@ struct Negotiation<'a, S> {
     ctx: &'a HandshakeContext<'a>,
     no_zeroes: bool,
     mode: ReplyMode,
+    meta: MetaSelection,
+    next_context_id: u32,
     out: Vec<u8>,
 }
 
@@ -105,10 +143,7 @@ impl<S: Read + Write> Negotiation<'_, S> {
     }
 
     fn error(&mut self, option: u32, kind: u32, msg: &str) -> io::Result<()> {
-        log::debug!(
-            "{}: option {option} refused ({kind:#x}): {msg}",
-            self.ctx.peer
-        );
+        log::debug!("{}: option {option} refused ({kind:#x}): {msg}", self.ctx.peer);
         self.reply(option, kind, codec::clamp_message(msg).as_bytes())
     }
 
@@ -116,9 +151,7 @@ impl<S: Read + Write> Negotiation<'_, S> {
         let mut h = [0u8; OptionHeader::LEN];
         match self.s.read_exact(&mut h) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                return Ok(Err(HandshakeEnd::Closed))
-            }
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Err(HandshakeEnd::Closed)),
             Err(e) => return Err(e),
         }
         let hdr = match OptionHeader::parse(&h) {
@@ -137,18 +170,9 @@ impl<S: Read + Write> Negotiation<'_, S> {
             self.error(
                 hdr.option,
                 REP_ERR_TOO_BIG,
-                &format!(
-                    "option data of {} bytes is over the {MAX_OPTION_DATA}-byte limit",
-                    hdr.length
-                ),
+                &format!("option data of {} bytes is over the {MAX_OPTION_DATA}-byte limit", hdr.length),
             )?;
-            return Ok(Ok((
-                OptionHeader {
-                    option: hdr.option,
-                    length: u32::MAX,
-                },
-                Vec::new(),
-            )));
+            return Ok(Ok((OptionHeader { option: hdr.option, length: u32::MAX }, Vec::new())));
         }
         let mut data = vec![0u8; hdr.length as usize];
         self.s.read_exact(&mut data)?;
@@ -163,23 +187,21 @@ impl<S: Read + Write> Negotiation<'_, S> {
     fn info_or_go(&mut self, option: u32, req: &InfoRequest, go: bool) -> Step {
         let Some(export) = self.lookup(&req.name) else {
             let msg = if req.name.is_empty() {
-                "there is no default export; ask for one by name (nbdinfo --list shows them)"
-                    .to_string()
+                "there is no default export; ask for one by name (nbdinfo --list shows them)".to_string()
             } else {
                 format!("export `{}` does not exist", req.name)
             };
             self.error(option, REP_ERR_UNKNOWN, &msg)?;
             return Ok(None);
         };
+        if go && export.at_connection_limit() {
+            self.error(option, REP_ERR_POLICY, &format!("export `{}` has reached its connection limit", export.name))?;
+            return Ok(None);
+        }
         let open = match export.open(self.ctx.peer) {
             Ok(o) => o,
             Err(e) => {
-                log::warn!(
-                    "{}: cannot open export `{}`: {}",
-                    self.ctx.peer,
-                    export.name,
-                    e.message
-                );
+                log::warn!("{}: cannot open export `{}`: {}", self.ctx.peer, export.name, e.message);
                 self.error(
                     option,
                     REP_ERR_UNKNOWN,
@@ -197,10 +219,7 @@ impl<S: Read + Write> Negotiation<'_, S> {
             replies.push(codec::info_string(INFO_NAME, &export.name));
         }
         if req.requests.contains(&INFO_DESCRIPTION) && !export.description.is_empty() {
-            replies.push(codec::info_string(
-                INFO_DESCRIPTION,
-                codec::clamp_message(&export.description),
-            ));
+            replies.push(codec::info_string(INFO_DESCRIPTION, codec::clamp_message(&export.description)));
         }
         // Block sizes are always sent: clients ignore info they did not ask
         // for, and those that understand it get our real limits.
@@ -219,22 +238,22 @@ impl<S: Read + Write> Negotiation<'_, S> {
                 tflags,
                 self.mode
             );
-            return Ok(Some(Ok(Session {
-                export,
-                open,
-                mode: self.mode,
-                tflags,
-            })));
+            let allocation_context = self.contexts_for(&export.name);
+            return Ok(Some(Ok(Session { export, open, mode: self.mode, tflags, allocation_context })));
         }
         Ok(None)
     }
 
     fn export_name(&mut self, name: &str) -> Step {
         let Some(export) = self.lookup(name) else {
-            return Ok(Some(Err(HandshakeEnd::Refused(format!(
-                "EXPORT_NAME for unknown export `{name}`"
-            )))));
+            return Ok(Some(Err(HandshakeEnd::Refused(format!("EXPORT_NAME for unknown export `{name}`")))));
         };
+        if export.at_connection_limit() {
+            return Ok(Some(Err(HandshakeEnd::Refused(format!(
+                "export `{}` has reached its connection limit",
+                export.name
+            )))));
+        }
         let open = match export.open(self.ctx.peer) {
             Ok(o) => o,
             Err(e) => {
@@ -246,8 +265,7 @@ impl<S: Read + Write> Negotiation<'_, S> {
         };
         let caps = open.layer.caps().clone();
         let tflags = transmission_flags(&caps, open.layer.readonly(), self.mode);
-        self.s
-            .write_all(&codec::export_name_reply(caps.size, tflags, self.no_zeroes))?;
+        self.s.write_all(&codec::export_name_reply(caps.size, tflags, self.no_zeroes))?;
         self.s.flush()?;
         log::info!(
             "{}: export `{}` ({} bytes, flags {:#06x}, via EXPORT_NAME)",
@@ -256,12 +274,8 @@ impl<S: Read + Write> Negotiation<'_, S> {
             caps.size,
             tflags
         );
-        Ok(Some(Ok(Session {
-            export,
-            open,
-            mode: self.mode,
-            tflags,
-        })))
+        let allocation_context = self.contexts_for(&export.name);
+        Ok(Some(Ok(Session { export, open, mode: self.mode, tflags, allocation_context })))
     }
 
     fn list(&mut self, option: u32) -> io::Result<()> {
@@ -277,6 +291,47 @@ impl<S: Read + Write> Negotiation<'_, S> {
         self.reply(option, REP_ACK, &[])
     }
 
+    /// The context ID of `base:allocation` for a session on `export`: only
+    /// if the last SET named the same export and selected it.
+    fn contexts_for(&self, export: &str) -> Option<u32> {
+        match &self.meta.export {
+            Some(e) if e == export => self.meta.allocation,
+            _ => None,
+        }
+    }
+
+    /// NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT.
+    fn meta_context(&mut self, option: u32, req: &codec::MetaContextRequest, list: bool) -> io::Result<()> {
+        if !list {
+            // A SET replaces the previous selection even when it fails.
+            self.meta = MetaSelection::default();
+        }
+        if self.mode == ReplyMode::Simple {
+            return self.error(option, REP_ERR_INVALID, "negotiate structured replies or extended headers first");
+        }
+        let Some(export) = self.lookup(&req.name) else {
+            return self.error(option, REP_ERR_UNKNOWN, &format!("export `{}` does not exist", req.name));
+        };
+        let allocation = match match_queries(&req.queries, list) {
+            Ok(a) => a,
+            Err(msg) => return self.error(option, REP_ERR_INVALID, &msg),
+        };
+        if allocation {
+            let id = if list {
+                0
+            } else {
+                // IDs are transient; a fresh one per SET keeps clients honest.
+                self.next_context_id = self.next_context_id.wrapping_add(1).max(1);
+                self.next_context_id
+            };
+            self.reply(option, REP_META_CONTEXT, &codec::rep_meta_context(id, BASE_ALLOCATION))?;
+            if !list {
+                self.meta = MetaSelection { export: Some(export.name.clone()), allocation: Some(id) };
+            }
+        }
+        self.reply(option, REP_ACK, &[])
+    }
+
     fn step(&mut self) -> Step {
         let (hdr, data) = match self.read_option()? {
             Ok(x) => x,
@@ -288,9 +343,7 @@ impl<S: Read + Write> Negotiation<'_, S> {
         let option = hdr.option;
         if self.ctx.shutting_down.load(Ordering::Relaxed) && option != OPT_ABORT {
             if option == OPT_EXPORT_NAME {
-                return Ok(Some(Err(HandshakeEnd::Refused(
-                    "server is shutting down".into(),
-                ))));
+                return Ok(Some(Err(HandshakeEnd::Refused("server is shutting down".into()))));
             }
             self.error(option, REP_ERR_SHUTDOWN, "server is shutting down")?;
             return Ok(None);
@@ -299,64 +352,62 @@ impl<S: Read + Write> Negotiation<'_, S> {
             Ok(p) => p,
             Err(codec::InvalidOption(msg)) => {
                 if option == OPT_EXPORT_NAME {
-                    return Ok(Some(Err(HandshakeEnd::Refused(format!(
-                        "bad EXPORT_NAME: {msg}"
-                    )))));
+                    return Ok(Some(Err(HandshakeEnd::Refused(format!("bad EXPORT_NAME: {msg}")))));
                 }
                 self.error(option, REP_ERR_INVALID, &msg)?;
                 return Ok(None);
             }
         };
         match parsed {
-            ClientOption::ExportName(name) => return self.export_name(&name),
+            ClientOption::ExportName(name) => {
+                if self.mode == ReplyMode::Extended {
+                    return Ok(Some(Err(HandshakeEnd::Refused(
+                        "NBD_OPT_EXPORT_NAME after extended headers were negotiated".into(),
+                    ))));
+                }
+                return self.export_name(&name);
+            }
             ClientOption::Abort => {
                 // The client may already be gone; that is fine.
                 let _ = self.reply(option, REP_ACK, &[]);
                 return Ok(Some(Err(HandshakeEnd::Closed)));
             }
             ClientOption::List => self.list(option)?,
-            ClientOption::StartTls => self.error(
-                option,
-                REP_ERR_POLICY,
-                "TLS is not configured on this server",
-            )?,
+            ClientOption::StartTls => self.error(option, REP_ERR_POLICY, "TLS is not configured on this server")?,
             ClientOption::Info(req) => return self.info_or_go(option, &req, false),
             ClientOption::Go(req) => return self.info_or_go(option, &req, true),
-            ClientOption::StructuredReply => {
-                if self.mode != ReplyMode::Simple {
-                    self.error(
-                        option,
-                        REP_ERR_INVALID,
-                        "structured replies are already negotiated",
-                    )?;
-                } else {
+            ClientOption::StructuredReply => match self.mode {
+                ReplyMode::Simple => {
                     self.mode = ReplyMode::Structured;
                     self.reply(option, REP_ACK, &[])?;
                 }
+                ReplyMode::Structured => {
+                    self.error(option, REP_ERR_INVALID, "structured replies are already negotiated")?
+                }
+                ReplyMode::Extended => self.error(
+                    option,
+                    REP_ERR_EXT_HEADER_REQD,
+                    "extended headers are negotiated; structured replies would be a downgrade",
+                )?,
+            },
+            ClientOption::ExtendedHeaders => {
+                if self.mode == ReplyMode::Extended {
+                    self.error(option, REP_ERR_INVALID, "extended headers are already negotiated")?;
+                } else {
+                    self.mode = ReplyMode::Extended;
+                    self.reply(option, REP_ACK, &[])?;
+                }
             }
-            ClientOption::ListMetaContext(_) | ClientOption::SetMetaContext(_) => self.error(
-                option,
-                REP_ERR_UNSUP,
-                "metadata contexts are not supported yet",
-            )?,
-            ClientOption::ExtendedHeaders => self.error(
-                option,
-                REP_ERR_UNSUP,
-                "extended headers are not supported yet",
-            )?,
-            ClientOption::Unknown(o) => {
-                self.error(o, REP_ERR_UNSUP, &format!("option {o} is not supported"))?
-            }
+            ClientOption::ListMetaContext(req) => self.meta_context(option, &req, true)?,
+            ClientOption::SetMetaContext(req) => self.meta_context(option, &req, false)?,
+            ClientOption::Unknown(o) => self.error(o, REP_ERR_UNSUP, &format!("option {o} is not supported"))?,
         }
         Ok(None)
     }
 }
 
 /// Run the option phase on `s`.
-pub fn negotiate<S: Read + Write>(
-    s: &mut S,
-    ctx: &HandshakeContext<'_>,
-) -> io::Result<Result<Session, HandshakeEnd>> {
+pub fn negotiate<S: Read + Write>(s: &mut S, ctx: &HandshakeContext<'_>) -> io::Result<Result<Session, HandshakeEnd>> {
     s.write_all(&codec::server_greeting())?;
     s.flush()?;
     let mut flags = [0u8; 4];
@@ -376,11 +427,39 @@ pub fn negotiate<S: Read + Write>(
         ctx,
         no_zeroes: cf.no_zeroes,
         mode: ReplyMode::Simple,
+        meta: MetaSelection::default(),
+        next_context_id: 0,
         out: Vec::with_capacity(256),
     };
     loop {
         if let Some(end) = n.step()? {
             return Ok(end);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn meta_context_queries() {
+        // LIST: no queries lists everything; `base:` is a wildcard.
+        assert_eq!(match_queries(&[], true), Ok(true));
+        assert_eq!(match_queries(&q(&["base:"]), true), Ok(true));
+        // SET: no queries selects nothing; `base:` alone is ignored.
+        assert_eq!(match_queries(&[], false), Ok(false));
+        assert_eq!(match_queries(&q(&["base:"]), false), Ok(false));
+        assert_eq!(match_queries(&q(&["base:allocation"]), false), Ok(true));
+        // Unknown namespaces and unknown base leaves are ignored.
+        assert_eq!(match_queries(&q(&["qemu:dirty-bitmap:x", "base:other"]), false), Ok(false));
+        assert_eq!(match_queries(&q(&["x-foo:bar", "base:allocation"]), false), Ok(true));
+        // Syntactically broken queries are refused.
+        assert!(match_queries(&q(&["allocation"]), false).is_err());
+        assert!(match_queries(&q(&[":allocation"]), true).is_err());
     }
 }

@@ -10,8 +10,8 @@
 
 use nbdhost_plugin_api::abi::{EXTENT_HOLE, EXTENT_ZERO};
 use nbdhost_plugin_api::{
-    export_backend, host, param, Backend, Cache, Connection, Error, ExtentList, Extents, Flags,
-    Flush, OpenContext, ParamKind, Params, Pwrite, Result, Support, Trim, Zero,
+    export_backend, host, param, Backend, Cache, Connection, Error, ExtentList, Extents, Flags, Flush, OpenContext,
+    ParamKind, Params, Pwrite, Result, Support, Trim, Zero,
 };
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
@@ -39,11 +39,7 @@ impl OpenFile {
             }
             return Ok(end as u64);
         }
-        Ok(self
-            .file
-            .metadata()
-            .map_err(|e| Error::from_io(self.path.display(), &e))?
-            .len())
+        Ok(self.file.metadata().map_err(|e| Error::from_io(self.path.display(), &e))?.len())
     }
 
     fn os_error(&self, what: &str) -> Error {
@@ -57,9 +53,7 @@ impl OpenFile {
         if rc == 0 {
             Ok(())
         } else {
-            Err(std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO))
+            Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
         }
     }
 
@@ -86,33 +80,13 @@ impl Backend for FileBackend {
     const VERSION: &'static std::ffi::CStr = c"0.1.0";
     const DESCRIPTION: &'static std::ffi::CStr = c"a regular file or block device";
     const PARAMS: &'static [nbdhost_plugin_api::abi::ParamSpec] = &[
-        param(
-            c"path",
-            ParamKind::Path,
-            true,
-            None,
-            c"file or block device to serve",
-        ),
-        param(
-            c"size",
-            ParamKind::Size,
-            false,
-            None,
-            c"create the file with this size if it does not exist (sparse)",
-        ),
-        param(
-            c"direct",
-            ParamKind::Bool,
-            false,
-            Some(c"false"),
-            c"open with O_DIRECT (bypass the page cache)",
-        ),
+        param(c"path", ParamKind::Path, true, None, c"file or block device to serve"),
+        param(c"size", ParamKind::Size, false, None, c"create the file with this size if it does not exist (sparse)"),
+        param(c"direct", ParamKind::Bool, false, Some(c"false"), c"open with O_DIRECT (bypass the page cache)"),
     ];
 
     fn create(params: &Params) -> Result<Self> {
-        let path = params
-            .path("path")
-            .ok_or_else(|| Error::invalid("parameter `path` is required"))?;
+        let path = params.path("path").ok_or_else(|| Error::invalid("parameter `path` is required"))?;
         let create_size = params.size("size")?;
         let direct = params.bool("direct")?.unwrap_or(false);
         if let Some(size) = create_size {
@@ -122,65 +96,33 @@ impl Backend for FileBackend {
                     .create_new(true)
                     .open(&path)
                     .map_err(|e| Error::from_io(format!("creating {}", path.display()), &e))?;
-                f.set_len(size)
-                    .map_err(|e| Error::from_io(format!("sizing {}", path.display()), &e))?;
-                host::info(&format!(
-                    "created {} ({size} bytes, sparse)",
-                    path.display()
-                ));
+                f.set_len(size).map_err(|e| Error::from_io(format!("sizing {}", path.display()), &e))?;
+                host::info(&format!("created {} ({size} bytes, sparse)", path.display()));
             }
         }
         let flags = if direct { libc::O_DIRECT } else { 0 };
-        let (file, writable) = match OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(flags)
-            .open(&path)
-        {
+        let (file, writable) = match OpenOptions::new().read(true).write(true).custom_flags(flags).open(&path) {
             Ok(f) => (f, true),
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EACCES) | Some(libc::EROFS) | Some(libc::EPERM)
-                ) =>
-            {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EROFS) | Some(libc::EPERM)) => {
                 let f = OpenOptions::new()
                     .read(true)
                     .custom_flags(flags)
                     .open(&path)
                     .map_err(|e| Error::from_io(format!("opening {}", path.display()), &e))?;
-                host::warn(&format!(
-                    "{} is not writable ({e}); serving it read-only",
-                    path.display()
-                ));
+                host::warn(&format!("{} is not writable ({e}); serving it read-only", path.display()));
                 (f, false)
             }
             Err(e) => return Err(Error::from_io(format!("opening {}", path.display()), &e)),
         };
-        let ft = file
-            .metadata()
-            .map_err(|e| Error::from_io(path.display(), &e))?
-            .file_type();
+        let ft = file.metadata().map_err(|e| Error::from_io(path.display(), &e))?.file_type();
         if !(ft.is_file() || ft.is_block_device()) {
-            return Err(Error::invalid(format!(
-                "{} is neither a regular file nor a block device",
-                path.display()
-            )));
+            return Err(Error::invalid(format!("{} is neither a regular file nor a block device", path.display())));
         }
-        Ok(FileBackend {
-            file: Arc::new(OpenFile {
-                file,
-                path,
-                writable,
-                is_block_device: ft.is_block_device(),
-            }),
-        })
+        Ok(FileBackend { file: Arc::new(OpenFile { file, path, writable, is_block_device: ft.is_block_device() }) })
     }
 
     fn open(&self, _ctx: &OpenContext) -> Result<FileHandle> {
-        Ok(FileHandle {
-            file: self.file.clone(),
-        })
+        Ok(FileHandle { file: self.file.clone() })
     }
 }
 
@@ -189,17 +131,10 @@ impl Connection for FileHandle {
         self.file.size()
     }
     fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
-        self.file.file.read_exact_at(buf, offset).map_err(|e| {
-            Error::from_io(
-                format!(
-                    "{}: read {}+{}",
-                    self.file.path.display(),
-                    offset,
-                    buf.len()
-                ),
-                &e,
-            )
-        })
+        self.file
+            .file
+            .read_exact_at(buf, offset)
+            .map_err(|e| Error::from_io(format!("{}: read {}+{}", self.file.path.display(), offset, buf.len()), &e))
     }
     fn can_write(&self) -> Result<bool> {
         Ok(self.file.writable)
@@ -219,26 +154,16 @@ impl Connection for FileHandle {
 
 impl Pwrite for FileHandle {
     fn pwrite(&self, buf: &[u8], offset: u64, _flags: Flags) -> Result<()> {
-        self.file.file.write_all_at(buf, offset).map_err(|e| {
-            Error::from_io(
-                format!(
-                    "{}: write {}+{}",
-                    self.file.path.display(),
-                    offset,
-                    buf.len()
-                ),
-                &e,
-            )
-        })
+        self.file
+            .file
+            .write_all_at(buf, offset)
+            .map_err(|e| Error::from_io(format!("{}: write {}+{}", self.file.path.display(), offset, buf.len()), &e))
     }
 }
 
 impl Flush for FileHandle {
     fn flush(&self, _flags: Flags) -> Result<()> {
-        self.file
-            .file
-            .sync_data()
-            .map_err(|e| Error::from_io(format!("{}: fdatasync", self.file.path.display()), &e))
+        self.file.file.sync_data().map_err(|e| Error::from_io(format!("{}: fdatasync", self.file.path.display()), &e))
     }
 }
 
@@ -246,16 +171,9 @@ impl Trim for FileHandle {
     fn trim(&self, count: u64, offset: u64, _flags: Flags) -> Result<()> {
         // Trim is advisory: a filesystem that cannot punch holes just keeps
         // the data, which is a correct (if unhelpful) answer.
-        match self.file.fallocate(
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            count,
-        ) {
+        match self.file.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, count) {
             Ok(()) | Err(libc::EOPNOTSUPP) => Ok(()),
-            Err(errno) => Err(Error::new(
-                errno,
-                format!("{}: punch hole {offset}+{count}", self.file.path.display()),
-            )),
+            Err(errno) => Err(Error::new(errno, format!("{}: punch hole {offset}+{count}", self.file.path.display()))),
         }
     }
 }
@@ -275,28 +193,17 @@ impl Zero for FileHandle {
                 Ok(()) => return Ok(()),
                 Err(libc::EOPNOTSUPP) | Err(libc::ENODEV) | Err(libc::EINVAL) => continue,
                 Err(errno) => {
-                    return Err(Error::new(
-                        errno,
-                        format!("{}: zero {offset}+{count}", self.file.path.display()),
-                    ))
+                    return Err(Error::new(errno, format!("{}: zero {offset}+{count}", self.file.path.display())))
                 }
             }
         }
         // Not cheap here: the host writes zeros (or fails a fast-zero request).
-        Err(Error::unsupported(
-            "filesystem cannot zero ranges efficiently",
-        ))
+        Err(Error::unsupported("filesystem cannot zero ranges efficiently"))
     }
 }
 
 impl Extents for FileHandle {
-    fn extents(
-        &self,
-        count: u64,
-        offset: u64,
-        flags: Flags,
-        out: &mut ExtentList<'_>,
-    ) -> Result<()> {
+    fn extents(&self, count: u64, offset: u64, flags: Flags, out: &mut ExtentList<'_>) -> Result<()> {
         let end = offset + count;
         let mut pos = offset;
         while pos < end {
@@ -307,11 +214,7 @@ impl Extents for FileHandle {
                     // ENXIO: nothing but hole to the end of file. Any other
                     // failure: we simply do not know, report data.
                     let errno = std::io::Error::last_os_error().raw_os_error();
-                    let f = if errno == Some(libc::ENXIO) {
-                        EXTENT_HOLE | EXTENT_ZERO
-                    } else {
-                        0
-                    };
+                    let f = if errno == Some(libc::ENXIO) { EXTENT_HOLE | EXTENT_ZERO } else { 0 };
                     return out.add(pos, end - pos, f);
                 }
                 Some(d) if d > pos => {
@@ -338,12 +241,7 @@ impl Cache for FileHandle {
     fn cache(&self, count: u64, offset: u64, _flags: Flags) -> Result<()> {
         // SAFETY: advisory call on our own descriptor with integer arguments.
         unsafe {
-            libc::posix_fadvise(
-                self.file.file.as_raw_fd(),
-                offset as i64,
-                count as i64,
-                libc::POSIX_FADV_WILLNEED,
-            )
+            libc::posix_fadvise(self.file.file.as_raw_fd(), offset as i64, count as i64, libc::POSIX_FADV_WILLNEED)
         };
         Ok(())
     }

@@ -5,8 +5,8 @@
 
 use nbdhost_plugin_api::abi::{EXTENT_HOLE, EXTENT_ZERO};
 use nbdhost_plugin_api::{
-    export_backend, param, Backend, Cache, Connection, Error, ExtentList, Extents, Flags, Flush,
-    OpenContext, ParamKind, Params, Pwrite, Result, Support, Trim, Zero,
+    export_backend, param, Backend, Cache, Connection, Error, ExtentList, Extents, Flags, Flush, OpenContext,
+    ParamKind, Params, Pwrite, Result, Support, Trim, Zero,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -29,10 +29,7 @@ pub struct SparseStore {
 impl SparseStore {
     /// An all-zero store of `size` bytes.
     pub fn new(size: u64) -> Self {
-        SparseStore {
-            size,
-            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
-        }
+        SparseStore { size, shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect() }
     }
 
     fn shard(&self, page: u64) -> &RwLock<HashMap<u64, Page>> {
@@ -60,10 +57,7 @@ impl SparseStore {
     fn check(&self, len: u64, offset: u64) -> Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
-            _ => Err(Error::invalid(format!(
-                "range {offset}+{len} is outside the {}-byte disk",
-                self.size
-            ))),
+            _ => Err(Error::invalid(format!("range {offset}+{len} is outside the {}-byte disk", self.size))),
         }
     }
 
@@ -72,12 +66,7 @@ impl SparseStore {
         self.check(buf.len() as u64, offset)?;
         for (page, at, n, boff) in Self::pieces(offset, buf.len() as u64) {
             let dst = &mut buf[boff..boff + n];
-            match self
-                .shard(page)
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&page)
-            {
+            match self.shard(page).read().unwrap_or_else(|e| e.into_inner()).get(&page) {
                 Some(p) => dst.copy_from_slice(&p[at..at + n]),
                 None => dst.fill(0),
             }
@@ -90,9 +79,7 @@ impl SparseStore {
         self.check(buf.len() as u64, offset)?;
         for (page, at, n, boff) in Self::pieces(offset, buf.len() as u64) {
             let mut shard = self.shard(page).write().unwrap_or_else(|e| e.into_inner());
-            let p = shard
-                .entry(page)
-                .or_insert_with(|| vec![0u8; PAGE as usize].into_boxed_slice());
+            let p = shard.entry(page).or_insert_with(|| vec![0u8; PAGE as usize].into_boxed_slice());
             p[at..at + n].copy_from_slice(&buf[boff..boff + n]);
         }
         Ok(())
@@ -117,20 +104,11 @@ impl SparseStore {
 
     /// Is the page holding `offset` allocated?
     fn allocated(&self, page: u64) -> bool {
-        self.shard(page)
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(&page)
+        self.shard(page).read().unwrap_or_else(|e| e.into_inner()).contains_key(&page)
     }
 
     /// Report extents of `[offset, offset+len)`, merging equal neighbours.
-    pub fn extents(
-        &self,
-        len: u64,
-        offset: u64,
-        req_one: bool,
-        out: &mut ExtentList<'_>,
-    ) -> Result<()> {
+    pub fn extents(&self, len: u64, offset: u64, req_one: bool, out: &mut ExtentList<'_>) -> Result<()> {
         self.check(len, offset)?;
         let end = offset + len;
         let mut start = offset;
@@ -139,11 +117,7 @@ impl SparseStore {
         while pos < end {
             let page = pos / PAGE;
             let next = ((page + 1) * PAGE).min(end);
-            let flags = if self.allocated(page) {
-                0
-            } else {
-                EXTENT_HOLE | EXTENT_ZERO
-            };
+            let flags = if self.allocated(page) { 0 } else { EXTENT_HOLE | EXTENT_ZERO };
             match state {
                 Some(s) if s == flags => {}
                 Some(s) => {
@@ -163,10 +137,7 @@ impl SparseStore {
 
     /// Bytes of page memory currently allocated.
     pub fn allocated_bytes(&self) -> u64 {
-        self.shards
-            .iter()
-            .map(|s| s.read().unwrap_or_else(|e| e.into_inner()).len() as u64 * PAGE)
-            .sum()
+        self.shards.iter().map(|s| s.read().unwrap_or_else(|e| e.into_inner()).len() as u64 * PAGE).sum()
     }
 }
 
@@ -184,35 +155,20 @@ impl Backend for MemoryBackend {
     type Handle = MemoryHandle;
     const NAME: &'static std::ffi::CStr = c"memory";
     const VERSION: &'static std::ffi::CStr = c"0.1.0";
-    const DESCRIPTION: &'static std::ffi::CStr =
-        c"sparse RAM disk shared by all connections of the export";
-    const PARAMS: &'static [nbdhost_plugin_api::abi::ParamSpec] = &[param(
-        c"size",
-        ParamKind::Size,
-        true,
-        None,
-        c"disk size in bytes (K/M/G/T suffixes allowed)",
-    )];
+    const DESCRIPTION: &'static std::ffi::CStr = c"sparse RAM disk shared by all connections of the export";
+    const PARAMS: &'static [nbdhost_plugin_api::abi::ParamSpec] =
+        &[param(c"size", ParamKind::Size, true, None, c"disk size in bytes (K/M/G/T suffixes allowed)")];
 
     fn create(params: &Params) -> Result<Self> {
-        let size = params
-            .size("size")?
-            .ok_or_else(|| Error::invalid("parameter `size` is required"))?;
+        let size = params.size("size")?.ok_or_else(|| Error::invalid("parameter `size` is required"))?;
         if size > i64::MAX as u64 {
-            return Err(Error::invalid(format!(
-                "size {size} is larger than {} bytes",
-                i64::MAX
-            )));
+            return Err(Error::invalid(format!("size {size} is larger than {} bytes", i64::MAX)));
         }
-        Ok(MemoryBackend {
-            store: Arc::new(SparseStore::new(size)),
-        })
+        Ok(MemoryBackend { store: Arc::new(SparseStore::new(size)) })
     }
 
     fn open(&self, _ctx: &OpenContext) -> Result<MemoryHandle> {
-        Ok(MemoryHandle {
-            store: self.store.clone(),
-        })
+        Ok(MemoryHandle { store: self.store.clone() })
     }
 }
 
@@ -263,13 +219,7 @@ impl Zero for MemoryHandle {
 }
 
 impl Extents for MemoryHandle {
-    fn extents(
-        &self,
-        count: u64,
-        offset: u64,
-        flags: Flags,
-        out: &mut ExtentList<'_>,
-    ) -> Result<()> {
+    fn extents(&self, count: u64, offset: u64, flags: Flags, out: &mut ExtentList<'_>) -> Result<()> {
         self.store.extents(count, offset, flags.req_one(), out)
     }
 }
