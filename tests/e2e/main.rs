@@ -5,3 +5,5 @@ mod clients;
 mod config_errors;
 mod lifecycle;
 mod plugins;
+mod protocol;
+mod protocol_clients;

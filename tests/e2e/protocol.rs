@@ -1,0 +1,1 @@
+//! Raw-bytes conformance suite for the NBD protocol (being written).

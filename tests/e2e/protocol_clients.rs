@@ -1,0 +1,1 @@
+//! Protocol features exercised through real clients (being written).
