@@ -410,3 +410,28 @@ impl Raw {
         (u32::from_be_bytes(h[4..8].try_into().unwrap()), u64::from_be_bytes(h[8..16].try_into().unwrap()))
     }
 }
+
+/// Run an `nbdsh` script against `uri` with extra nbdsh flags (e.g.
+/// `--base-allocation`). nbdsh is a Python program: it must find the system
+/// python3 with the libnbd bindings first on PATH.
+pub fn nbdsh(flags: &[&str], uri: &str, script: &str) -> Output {
+    let path = format!("/usr/bin:/bin:{}", std::env::var("PATH").unwrap_or_default());
+    Command::new("nbdsh")
+        .env("PATH", path)
+        .args(flags)
+        .args(["-u", uri, "-c", script])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run nbdsh: {e}"))
+}
+
+/// Assert a client command succeeded and return its stdout.
+pub fn assert_ok(what: &str, o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
