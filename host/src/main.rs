@@ -127,6 +127,7 @@ fn run(cli: Cli) -> Result<(), String> {
         handshake_timeout: Duration::from_secs(cli.handshake_timeout.or(file.handshake_timeout).unwrap_or(30)),
         max_connections: cli.max_connections.or(file.max_connections).unwrap_or(1024),
         shutdown_grace: Duration::from_secs(10),
+        shutdown_linger: Duration::from_secs(1),
     };
     let server = Server::new(settings, exports);
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])

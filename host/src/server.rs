@@ -26,6 +26,10 @@ pub struct ServerSettings {
     pub max_connections: usize,
     /// How long shutdown waits for requests in flight.
     pub shutdown_grace: Duration,
+    /// How long idle connections are left open at shutdown so that what
+    /// they send next is answered ESHUTDOWN / ERR_SHUTDOWN (clients then
+    /// disconnect cleanly) before they are closed.
+    pub shutdown_linger: Duration,
 }
 
 /// The running server's shared state.
@@ -205,14 +209,19 @@ impl Server {
         if let Some(p) = &self.settings.unix {
             let _ = UnixStream::connect(p);
         }
-        // Requests that arrive from now on are answered ESHUTDOWN (options
-        // ERR_SHUTDOWN); a connection with nothing in flight is closed, one
-        // still working is closed once its replies are out.
-        let deadline = Instant::now() + self.settings.shutdown_grace;
+        // Requests that arrive from now on are answered ESHUTDOWN and
+        // options ERR_SHUTDOWN. After a short linger a connection with
+        // nothing in flight is closed; one still working is closed once its
+        // replies are out, or when the grace period ends.
+        let start = Instant::now();
+        let linger = start + self.settings.shutdown_linger.min(self.settings.shutdown_grace);
+        let deadline = start + self.settings.shutdown_grace;
         while self.active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
-            for c in self.live.lock().unwrap_or_else(|e| e.into_inner()).values() {
-                if c.busy.load(Ordering::SeqCst) == 0 {
-                    let _ = c.stream.shutdown(Shutdown::Both);
+            if Instant::now() >= linger {
+                for c in self.live.lock().unwrap_or_else(|e| e.into_inner()).values() {
+                    if c.busy.load(Ordering::SeqCst) == 0 {
+                        let _ = c.stream.shutdown(Shutdown::Both);
+                    }
                 }
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -167,3 +167,41 @@ fn a_handshake_that_stalls_is_timed_out() {
     assert!(t.elapsed() < Duration::from_secs(5));
     assert!(srv.log().contains("handshake not finished"), "{}", srv.log());
 }
+
+#[test]
+fn shutdown_finishes_requests_in_flight_and_refuses_new_work() {
+    let dir = build_test_plugin("faulty");
+    let ex = Exports::new();
+    ex.snippet("slow", "[[layer]]\nplugin = \"faulty\"\ndelay_ms = 1500\n");
+    let art = artifacts();
+    let mut srv = Server::start(&ex, &["--plugin-dir", dir.to_str().unwrap(), "--plugin-dir", art.to_str().unwrap()]);
+    let mut client = Raw::fixed(&srv.addr);
+    client.go("slow");
+    let mut negotiating = Raw::fixed(&srv.addr);
+    // A slow read (3 MiB is the plugin's delay block) is in flight...
+    client.request(0, 0, 1, 3 << 20, 4096, &[]);
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    srv.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(200));
+    // ...a new request is refused with ESHUTDOWN, an option with ERR_SHUTDOWN...
+    client.request(0, 0, 2, 0, 4096, &[]);
+    negotiating.option(3, &[]);
+    let (_, kind, _) = negotiating.opt_reply();
+    assert_eq!(kind, 0x8000_0007, "ERR_SHUTDOWN");
+    let mut replies = Vec::new();
+    for _ in 0..2 {
+        let (err, cookie) = client.simple_reply();
+        if cookie == 1 && err == 0 {
+            assert_eq!(client.try_read(4096).expect("data of the slow read"), vec![0u8; 4096]);
+        }
+        replies.push((cookie, err));
+    }
+    replies.sort();
+    // ...and the read in flight still completes.
+    assert_eq!(replies, vec![(1, 0), (2, 108)], "cookie 1 completes, cookie 2 gets ESHUTDOWN");
+    let st = srv.wait_exit();
+    assert!(st.success(), "exit status {st}");
+    assert!(t.elapsed() < Duration::from_secs(8), "shutdown took {:?}", t.elapsed());
+    assert!(client.closed());
+}

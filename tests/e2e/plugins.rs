@@ -200,3 +200,61 @@ fn plugin_parameters_are_validated_against_the_plugins_declarations() {
     assert!(!ok);
     assert!(text.contains("missing required parameter `size`"), "{text}");
 }
+
+/// Run 4 connections x 8 concurrent reads against the `concurrency` plugin
+/// built for `feature`, and return what it observed:
+/// (max calls at once, max calls at once on one handle, max open handles).
+fn observed_concurrency(feature: Option<&str>) -> (u32, u32, u32) {
+    let dir = build_test_plugin_with("concurrency", feature.as_slice());
+    let ex = Exports::new();
+    ex.snippet("c", "[[layer]]\nplugin = \"concurrency\"\n");
+    let srv = Server::start(&ex, &["--plugin-dir", dir.to_str().unwrap()]);
+    let o = python(
+        r#"
+import nbd, sys, threading, struct
+uri = sys.argv[1]
+errors = []
+def client(i):
+    try:
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        bufs = [nbd.Buffer(4096) for _ in range(8)]
+        for k in range(8):
+            h.aio_pread(bufs[k], 4096 * (k + 1))
+        while h.aio_in_flight() > 0:
+            h.poll(-1)
+        h.shutdown()
+    except Exception as e:
+        errors.append(repr(e))
+ts = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+assert not errors, errors
+h = nbd.NBD()
+h.connect_uri(uri)
+print("stats", *struct.unpack("<3I", h.pread(12, 0)))
+"#,
+        &[&srv.uri("c")],
+    );
+    let out = assert_ok("python", &o);
+    let line = out.lines().find_map(|l| l.strip_prefix("stats ")).expect("stats line");
+    let v: Vec<u32> = line.split_whitespace().map(|x| x.parse().unwrap()).collect();
+    (v[0], v[1], v[2])
+}
+
+#[test]
+fn each_thread_model_is_enforced_by_the_host() {
+    if !require_python_nbd() {
+        return;
+    }
+    let (all, per_handle, handles) = observed_concurrency(None);
+    assert!(all > 1 && per_handle > 1, "parallel plugin never ran calls at once: {all} {per_handle}");
+    assert!(handles > 1, "{handles}");
+    let (all, per_handle, _) = observed_concurrency(Some("serialize_requests"));
+    assert_eq!(per_handle, 1, "two calls at once on one connection");
+    assert!(all > 1, "connections should still run in parallel: {all}");
+    let (all, per_handle, _) = observed_concurrency(Some("serialize_all_requests"));
+    assert_eq!((all, per_handle), (1, 1), "two calls at once across connections");
+    let (all, _, handles) = observed_concurrency(Some("serialize_connections"));
+    assert_eq!((all, handles), (1, 1), "two connections served at once");
+}

@@ -217,11 +217,22 @@ impl Server {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
+    /// Send a signal to the server.
+    pub fn signal(&self, sig: i32) {
+        let child = self.child.as_ref().expect("running");
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, sig) };
+    }
+
     /// Send SIGTERM and wait (bounded) for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait_exit()
+    }
+
+    /// Wait (at most 20 s) for the server to exit.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
-        // SAFETY: plain kill(2) on our own child's pid.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(st) = child.try_wait().expect("wait") {
@@ -229,7 +240,7 @@ impl Server {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("nbdhost did not exit within 20 s of SIGTERM:\n{}", self.log());
+                panic!("nbdhost did not exit within 20 s:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -248,25 +259,33 @@ impl Drop for Server {
 /// Build an out-of-tree plugin crate under `tests/plugins/NAME` (once per
 /// test process) and return the directory holding its `.so`.
 pub fn build_test_plugin(name: &str) -> PathBuf {
+    build_test_plugin_with(name, &[])
+}
+
+/// Like [`build_test_plugin`], with cargo features; each feature set gets
+/// its own target directory so variants do not rebuild each other.
+pub fn build_test_plugin_with(name: &str, features: &[&str]) -> PathBuf {
     static BUILT: OnceLock<Mutex<Vec<(String, PathBuf)>>> = OnceLock::new();
-    let built = BUILT.get_or_init(|| Mutex::new(Vec::new()));
-    let mut built = built.lock().unwrap();
-    if let Some((_, d)) = built.iter().find(|(n, _)| n == name) {
+    let key = format!("{name}+{}", features.join(","));
+    // Holding the lock while building also keeps parallel tests from
+    // running two cargo builds of the same crate at once.
+    let mut built = BUILT.get_or_init(|| Mutex::new(Vec::new())).lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, d)) = built.iter().find(|(k, _)| *k == key) {
         return d.clone();
     }
     let manifest = workspace_root().join("tests/plugins").join(name).join("Cargo.toml");
-    let target = target_dir().join("test-plugins");
+    let target =
+        target_dir().join("test-plugins").join(if features.is_empty() { "default".into() } else { features.join("+") });
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let o = Command::new(cargo)
-        .args(["build", "--quiet", "--manifest-path"])
-        .arg(&manifest)
-        .arg("--target-dir")
-        .arg(&target)
-        .output()
-        .expect("run cargo");
-    assert!(o.status.success(), "building test plugin {name} failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--quiet", "--locked", "--manifest-path"]).arg(&manifest).arg("--target-dir").arg(&target);
+    if !features.is_empty() {
+        cmd.args(["--features", &features.join(",")]);
+    }
+    let o = cmd.output().expect("run cargo");
+    assert!(o.status.success(), "building test plugin {key} failed:\n{}", String::from_utf8_lossy(&o.stderr));
     let out = target.join("debug");
-    built.push((name.to_string(), out.clone()));
+    built.push((key, out.clone()));
     out
 }
 

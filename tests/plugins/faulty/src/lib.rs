@@ -4,6 +4,8 @@
 //!   plugin (the host must turn it into EIO for that request only);
 //! * reading any byte of `[fail_at, fail_at + 4096)` returns EIO with a
 //!   message naming the offset (which must reach the client).
+//! * reading any byte of `[delay_at, delay_at + 4096)` takes `delay_ms`
+//!   (to hold a request in flight);
 //! Every other byte reads back what was written (initially zero).
 
 use nbdhost_plugin_api::{
@@ -11,17 +13,16 @@ use nbdhost_plugin_api::{
 };
 use std::sync::{Arc, RwLock};
 
+#[derive(Clone)]
 pub struct Faulty {
     data: Arc<RwLock<Vec<u8>>>,
     panic_at: u64,
     fail_at: u64,
+    delay_at: u64,
+    delay_ms: u64,
 }
 
-pub struct FaultyHandle {
-    data: Arc<RwLock<Vec<u8>>>,
-    panic_at: u64,
-    fail_at: u64,
-}
+pub struct FaultyHandle(Faulty);
 
 fn hits(offset: u64, len: usize, at: u64) -> bool {
     offset < at + 4096 && at < offset + len as u64
@@ -36,6 +37,8 @@ impl Backend for Faulty {
         param(c"size", ParamKind::Size, false, Some(c"16M"), c"disk size"),
         param(c"panic_at", ParamKind::Size, false, Some(c"1M"), c"reads of this 4 KiB block panic"),
         param(c"fail_at", ParamKind::Size, false, Some(c"2M"), c"reads of this 4 KiB block fail with EIO"),
+        param(c"delay_at", ParamKind::Size, false, Some(c"3M"), c"reads of this 4 KiB block are slow"),
+        param(c"delay_ms", ParamKind::Int, false, Some(c"1500"), c"how slow, in milliseconds"),
     ];
 
     fn create(p: &Params) -> Result<Self> {
@@ -44,26 +47,32 @@ impl Backend for Faulty {
             data: Arc::new(RwLock::new(vec![0; size as usize])),
             panic_at: p.size("panic_at")?.unwrap_or(1 << 20),
             fail_at: p.size("fail_at")?.unwrap_or(2 << 20),
+            delay_at: p.size("delay_at")?.unwrap_or(3 << 20),
+            delay_ms: p.int("delay_ms")?.unwrap_or(1500) as u64,
         })
     }
 
     fn open(&self, _: &OpenContext) -> Result<FaultyHandle> {
-        Ok(FaultyHandle { data: self.data.clone(), panic_at: self.panic_at, fail_at: self.fail_at })
+        Ok(FaultyHandle(self.clone()))
     }
 }
 
 impl Connection for FaultyHandle {
     fn get_size(&self) -> Result<u64> {
-        Ok(self.data.read().unwrap().len() as u64)
+        Ok(self.0.data.read().unwrap().len() as u64)
     }
     fn pread(&self, buf: &mut [u8], offset: u64, _: Flags) -> Result<()> {
-        if hits(offset, buf.len(), self.panic_at) {
+        let f = &self.0;
+        if hits(offset, buf.len(), f.panic_at) {
             panic!("faulty plugin: deliberate panic reading offset {offset}");
         }
-        if hits(offset, buf.len(), self.fail_at) {
+        if hits(offset, buf.len(), f.fail_at) {
             return Err(Error::io(format!("faulty plugin: injected failure at offset {offset}")));
         }
-        let d = self.data.read().unwrap();
+        if hits(offset, buf.len(), f.delay_at) {
+            std::thread::sleep(std::time::Duration::from_millis(f.delay_ms));
+        }
+        let d = f.data.read().unwrap();
         buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
         Ok(())
     }
@@ -71,7 +80,7 @@ impl Connection for FaultyHandle {
 
 impl Pwrite for FaultyHandle {
     fn pwrite(&self, buf: &[u8], offset: u64, _: Flags) -> Result<()> {
-        let mut d = self.data.write().unwrap();
+        let mut d = self.0.data.write().unwrap();
         d[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
         Ok(())
     }
