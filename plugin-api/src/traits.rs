@@ -189,6 +189,20 @@ pub struct ExtentList<'a> {
 }
 
 impl ExtentList<'_> {
+    /// Run `f` against a list that records every extent added, and return
+    /// them as `(offset, length, flags)`. For plugin unit tests.
+    pub fn collect(f: impl FnOnce(&mut ExtentList<'_>) -> Result<()>) -> Result<Vec<(u64, u64, u32)>> {
+        unsafe extern "C" fn add(ctx: *mut std::ffi::c_void, offset: u64, length: u64, flags: u32) -> i32 {
+            // SAFETY: `ctx` is the Vec owned by `collect`, alive for the call.
+            unsafe { (*(ctx as *mut Vec<(u64, u64, u32)>)).push((offset, length, flags)) };
+            0
+        }
+        let mut got: Vec<(u64, u64, u32)> = Vec::new();
+        let mut sink = abi::ExtentSink { ctx: &mut got as *mut Vec<(u64, u64, u32)> as *mut std::ffi::c_void, add };
+        f(&mut ExtentList { sink: &mut sink })?;
+        Ok(got)
+    }
+
     /// Append an extent (`flags`: `abi::EXTENT_HOLE` | `abi::EXTENT_ZERO`).
     pub fn add(&mut self, offset: u64, length: u64, flags: u32) -> Result<()> {
         // SAFETY: the sink was supplied by the host for the duration of the

@@ -601,4 +601,55 @@ mod tests {
         let long = "é".repeat(3000);
         assert!(clamp_message(&long).len() <= MAX_STRING);
     }
+
+    mod fuzz {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn parsers_never_panic_on_arbitrary_bytes(opt in any::<u32>(), data in prop::collection::vec(any::<u8>(), 0..300)) {
+                let _ = parse_option(opt, &data);
+                for code in [OPT_INFO, OPT_GO, OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT, OPT_EXPORT_NAME] {
+                    let _ = parse_option(code, &data);
+                }
+                if data.len() >= 32 {
+                    let _ = parse_request(&data[..28], false);
+                    let _ = parse_request(&data[..32], true);
+                    let h: [u8; 16] = data[..16].try_into().unwrap();
+                    let _ = OptionHeader::parse(&h);
+                    let _ = parse_client_flags(data[..4].try_into().unwrap());
+                }
+            }
+
+            #[test]
+            fn info_requests_round_trip(name in "[a-z0-9/._-]{0,40}", reqs in prop::collection::vec(any::<u16>(), 0..20)) {
+                let mut d = (name.len() as u32).to_be_bytes().to_vec();
+                d.extend_from_slice(name.as_bytes());
+                d.extend_from_slice(&(reqs.len() as u16).to_be_bytes());
+                for r in &reqs {
+                    d.extend_from_slice(&r.to_be_bytes());
+                }
+                prop_assert_eq!(parse_option(OPT_INFO, &d).unwrap(), ClientOption::Info(InfoRequest { name: name.clone(), requests: reqs.clone() }));
+                // Any truncation is refused, never misread.
+                for cut in 0..d.len() {
+                    prop_assert!(parse_option(OPT_INFO, &d[..cut]).is_err());
+                }
+            }
+
+            #[test]
+            fn requests_round_trip(flags in any::<u16>(), cmd in any::<u16>(), cookie in any::<u64>(), offset in any::<u64>(), len in any::<u32>()) {
+                let mut b = REQUEST_MAGIC.to_be_bytes().to_vec();
+                b.extend_from_slice(&flags.to_be_bytes());
+                b.extend_from_slice(&cmd.to_be_bytes());
+                b.extend_from_slice(&cookie.to_be_bytes());
+                b.extend_from_slice(&offset.to_be_bytes());
+                b.extend_from_slice(&len.to_be_bytes());
+                let r = parse_request(&b, false).unwrap();
+                prop_assert_eq!(r, Request { flags, command: cmd, cookie, offset, length: len as u64 });
+            }
+        }
+    }
 }

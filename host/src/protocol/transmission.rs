@@ -15,7 +15,7 @@ use super::codec::{self, ReplyMode, Request};
 use super::consts::*;
 use super::handshake::Session;
 use crate::error::{NbdErrno, OpError};
-use crate::pipeline::CheckedLayer;
+use crate::pipeline::{CheckedLayer, Extent};
 use nbdhost_plugin_api::abi::{EXTENT_HOLE, EXTENT_ZERO};
 use nbdhost_plugin_api::ThreadModel;
 use std::collections::VecDeque;
@@ -146,6 +146,48 @@ impl<W: Write> ReplyWriter<W> {
         codec::encode_block_status(&mut h, self.mode, req.cookie, req.offset, context, extents);
         self.send(&[&h])
     }
+}
+
+/// Split the read `[offset, offset+length)` into `(offset, length, hole)`
+/// runs according to `extents` (which start at `offset`). Holes are extents
+/// that read as zeros, shrunk to 512-byte alignment (except at the end of
+/// the request); what is cut off is read as data, as is anything the
+/// extents do not cover. Runs are contiguous, non-empty and merged.
+pub fn read_segments(offset: u64, length: u64, extents: &[Extent]) -> Vec<(u64, u64, bool)> {
+    let end = offset + length;
+    let mut out: Vec<(u64, u64, bool)> = Vec::new();
+    let mut push = |o: u64, l: u64, hole: bool| {
+        if l == 0 {
+            return;
+        }
+        match out.last_mut() {
+            Some(last) if last.2 == hole && last.0 + last.1 == o => last.1 += l,
+            _ => out.push((o, l, hole)),
+        }
+    };
+    let mut pos = offset;
+    for e in extents {
+        if pos >= end {
+            break;
+        }
+        let e_end = pos.saturating_add(e.length).min(end);
+        if e.flags & EXTENT_ZERO != 0 {
+            let hs = pos.next_multiple_of(HOLE_ALIGN).min(e_end);
+            let he = if e_end == end { e_end } else { e_end / HOLE_ALIGN * HOLE_ALIGN };
+            if he > hs {
+                push(pos, hs - pos, false);
+                push(hs, he - hs, true);
+                push(he, e_end - he, false);
+            } else {
+                push(pos, e_end - pos, false);
+            }
+        } else {
+            push(pos, e_end - pos, false);
+        }
+        pos = e_end;
+    }
+    push(pos, end - pos, false);
+    out
 }
 
 fn name(cmd: u16) -> &'static str {
@@ -627,46 +669,13 @@ impl<'a, W: Write + Send> Conn<'a, W> {
         r
     }
 
-    /// Data and hole runs of a read, from the layer's extents. Holes are
-    /// shrunk to 512-byte alignment; what is cut off is read as data. Any
-    /// failure to get extents just means "all data".
+    /// Data and hole runs of a read, from the layer's extents. Any failure
+    /// to get extents just means "all data".
     fn segments(&self, req: &Request) -> Vec<(u64, u64, bool)> {
-        let all_data = vec![(req.offset, req.length, false)];
-        let Ok(extents) = self.layer.extents(req.length, req.offset, false) else { return all_data };
-        let end = req.offset + req.length;
-        let mut out: Vec<(u64, u64, bool)> = Vec::new();
-        let mut push = |o: u64, l: u64, hole: bool| {
-            if l == 0 {
-                return;
-            }
-            match out.last_mut() {
-                Some(last) if last.2 == hole && last.0 + last.1 == o => last.1 += l,
-                _ => out.push((o, l, hole)),
-            }
-        };
-        let mut pos = req.offset;
-        for e in extents {
-            if pos >= end {
-                break;
-            }
-            let e_end = (pos + e.length).min(end);
-            if e.flags & EXTENT_ZERO != 0 {
-                let hs = pos.next_multiple_of(HOLE_ALIGN).min(e_end);
-                let he = if e_end == end { e_end } else { e_end / HOLE_ALIGN * HOLE_ALIGN };
-                if he > hs {
-                    push(pos, hs - pos, false);
-                    push(hs, he - hs, true);
-                    push(he, e_end - he, false);
-                } else {
-                    push(pos, e_end - pos, false);
-                }
-            } else {
-                push(pos, e_end - pos, false);
-            }
-            pos = e_end;
+        match self.layer.extents(req.length, req.offset, false) {
+            Ok(extents) => read_segments(req.offset, req.length, &extents),
+            Err(_) => vec![(req.offset, req.length, false)],
         }
-        push(pos, end - pos, false);
-        out
     }
 
     /// Send segments in order, the last chunk carrying DONE.
@@ -755,5 +764,71 @@ impl<'a, W: Write + Send> Conn<'a, W> {
         let r = self.writer.done(&read.req);
         self.finish(read.cost);
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn extents() -> impl Strategy<Value = Vec<Extent>> {
+        prop::collection::vec(
+            (1u64..20_000, prop_oneof![Just(0u32), Just(EXTENT_HOLE | EXTENT_ZERO), Just(EXTENT_ZERO), Just(EXTENT_HOLE)]),
+            0..12,
+        )
+        .prop_map(|v| v.into_iter().map(|(length, flags)| Extent { length, flags }).collect())
+    }
+
+    proptest! {
+        #[test]
+        fn segments_cover_the_read_exactly_with_aligned_holes_only_over_zeros(
+            offset in 0u64..100_000, length in 1u64..60_000, ext in extents()
+        ) {
+            let segs = read_segments(offset, length, &ext);
+            let end = offset + length;
+            // Contiguous, non-empty, exact cover, merged.
+            let mut pos = offset;
+            for (i, &(o, l, hole)) in segs.iter().enumerate() {
+                prop_assert_eq!(o, pos);
+                prop_assert!(l > 0);
+                if i > 0 {
+                    prop_assert_ne!(segs[i - 1].2, hole, "neighbours not merged");
+                }
+                pos += l;
+            }
+            prop_assert_eq!(pos, end);
+            // Every hole byte is inside an extent that reads as zeros, and
+            // holes start 512-aligned and end aligned or at the request end.
+            let zero_at = |b: u64| {
+                let mut p = offset;
+                for e in &ext {
+                    if b < p + e.length {
+                        return e.flags & EXTENT_ZERO != 0;
+                    }
+                    p += e.length;
+                }
+                false
+            };
+            for &(o, l, hole) in &segs {
+                if hole {
+                    prop_assert_eq!(o % HOLE_ALIGN, 0);
+                    prop_assert!((o + l) % HOLE_ALIGN == 0 || o + l == end);
+                    for b in [o, o + l / 2, o + l - 1] {
+                        prop_assert!(zero_at(b), "hole byte {} is not in a zero extent", b);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn segments_without_extents_are_all_data() {
+        assert_eq!(read_segments(100, 50, &[]), vec![(100, 50, false)]);
+        let ext = [Extent { length: 4096, flags: EXTENT_ZERO | EXTENT_HOLE }, Extent { length: 4096, flags: 0 }];
+        assert_eq!(read_segments(0, 8192, &ext), vec![(0, 4096, true), (4096, 4096, false)]);
+        // A hole too small to align becomes data.
+        let ext = [Extent { length: 100, flags: 0 }, Extent { length: 300, flags: EXTENT_ZERO }, Extent { length: 100, flags: 0 }];
+        assert_eq!(read_segments(0, 500, &ext), vec![(0, 500, false)]);
     }
 }

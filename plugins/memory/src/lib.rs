@@ -260,4 +260,80 @@ mod tests {
         assert!(s.write(&[0u8; 2], 4095).is_err());
         assert!(s.read(&mut [0u8; 1], u64::MAX).is_err());
     }
+
+    mod model {
+        use super::super::*;
+        use nbdhost_plugin_api::abi::EXTENT_ZERO;
+        use proptest::prelude::*;
+
+        const SIZE: u64 = 6 * PAGE + 1234;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Write(u64, Vec<u8>),
+            Zero(u64, u64),
+            Read(u64, u64),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            let off = 0..SIZE;
+            prop_oneof![
+                (off.clone(), 1..(2 * PAGE as usize), any::<u8>())
+                    .prop_map(|(o, len, seed)| Op::Write(o, (0..len).map(|i| seed.wrapping_add(i as u8) | 1).collect())),
+                (off.clone(), 1..(3 * PAGE)).prop_map(|(o, l)| Op::Zero(o, l)),
+                (off, 1..(3 * PAGE)).prop_map(|(o, l)| Op::Read(o, l)),
+            ]
+        }
+
+        fn extents(s: &SparseStore, off: u64, len: u64) -> Vec<(u64, u64, u32)> {
+            ExtentList::collect(|list| s.extents(len, off, false, list)).unwrap()
+        }
+
+        proptest! {
+            #[test]
+            fn sparse_store_behaves_like_a_flat_buffer(ops in prop::collection::vec(op(), 1..40)) {
+                let store = SparseStore::new(SIZE);
+                let mut model = vec![0u8; SIZE as usize];
+                for op in ops {
+                    match op {
+                        Op::Write(o, d) => {
+                            let fits = o + d.len() as u64 <= SIZE;
+                            prop_assert_eq!(store.write(&d, o).is_ok(), fits);
+                            if fits {
+                                model[o as usize..o as usize + d.len()].copy_from_slice(&d);
+                            }
+                        }
+                        Op::Zero(o, l) => {
+                            let fits = o + l <= SIZE;
+                            prop_assert_eq!(store.zero(l, o).is_ok(), fits);
+                            if fits {
+                                model[o as usize..(o + l) as usize].fill(0);
+                            }
+                        }
+                        Op::Read(o, l) => {
+                            let mut buf = vec![0xffu8; l as usize];
+                            let fits = o + l <= SIZE;
+                            prop_assert_eq!(store.read(&mut buf, o).is_ok(), fits);
+                            if fits {
+                                prop_assert_eq!(&buf[..], &model[o as usize..(o + l) as usize]);
+                            }
+                        }
+                    }
+                }
+                // Extents cover the disk contiguously, and whatever they
+                // call zero really reads as zeros.
+                let ext = extents(&store, 0, SIZE);
+                let mut pos = 0;
+                for (o, l, f) in ext {
+                    prop_assert_eq!(o, pos);
+                    prop_assert!(l > 0);
+                    if f & EXTENT_ZERO != 0 {
+                        prop_assert!(model[o as usize..(o + l) as usize].iter().all(|&b| b == 0));
+                    }
+                    pos += l;
+                }
+                prop_assert_eq!(pos, SIZE);
+            }
+        }
+    }
 }
