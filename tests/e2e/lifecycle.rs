@@ -205,3 +205,64 @@ fn shutdown_finishes_requests_in_flight_and_refuses_new_work() {
     assert!(t.elapsed() < Duration::from_secs(8), "shutdown took {:?}", t.elapsed());
     assert!(client.closed());
 }
+
+fn faulty(ex: &Exports, extra: &str) -> Server {
+    let dir = build_test_plugin("faulty");
+    ex.snippet("f", &format!("[[layer]]\nplugin = \"faulty\"\n{extra}"));
+    Server::start(ex, &["--plugin-dir", dir.to_str().unwrap()])
+}
+
+#[test]
+fn declared_block_sizes_are_advertised_and_enforced_without_disconnecting() {
+    let ex = Exports::new();
+    let srv = faulty(&ex, "min_block = \"512\"\nmax_block = \"64K\"\n");
+    let mut r = Raw::fixed(&srv.addr);
+    r.option(7, &Raw::info_data("f", &[3]));
+    let replies = r.opt_replies();
+    let bs = replies
+        .iter()
+        .find(|(_, k, d)| *k == 3 && d[..2] == [0, 3])
+        .map(|(_, _, d)| {
+            let u = |i: usize| u32::from_be_bytes(d[i..i + 4].try_into().unwrap());
+            (u(2), u(6), u(10))
+        })
+        .expect("NBD_INFO_BLOCK_SIZE");
+    assert_eq!(bs, (512, 4096, 65536));
+    // Unaligned read, unaligned write, oversized write: EINVAL, connection kept.
+    r.request(0, 0, 1, 100, 512, &[]);
+    assert_eq!(r.simple_reply(), (22, 1));
+    r.request(0, 1, 2, 512, 100, &[9u8; 100]);
+    assert_eq!(r.simple_reply(), (22, 2));
+    r.request(0, 1, 3, 0, 1 << 20, &vec![9u8; 1 << 20]);
+    assert_eq!(r.simple_reply(), (22, 3), "write over the 64 KiB maximum");
+    r.request(0, 0, 4, 4096, 4096, &[]);
+    assert_eq!(r.simple_reply(), (0, 4));
+    assert_eq!(r.try_read(4096).unwrap(), vec![0u8; 4096]);
+    if require_tool("nbdinfo") {
+        let out = run_ok("nbdinfo", &[&srv.uri("f")]);
+        assert!(out.contains("block_size_minimum: 512") && out.contains("block_size_maximum: 65536"), "{out}");
+        // faulty shares nothing safely across connections: no multi-conn.
+        assert!(out.contains("can_multi_conn: false"), "{out}");
+    }
+}
+
+#[test]
+fn disc_answers_every_request_in_flight_before_closing() {
+    let ex = Exports::new();
+    let srv = faulty(&ex, "delay_ms = 800\n");
+    let mut r = Raw::fixed(&srv.addr);
+    r.go("f");
+    r.request(0, 0, 1, 3 << 20, 4096, &[]); // slow
+    r.request(0, 0, 2, 0, 4096, &[]);
+    r.request(0, 2, 3, 0, 0, &[]); // DISC right behind them
+    let mut cookies = Vec::new();
+    for _ in 0..2 {
+        let (err, cookie) = r.simple_reply();
+        assert_eq!(err, 0);
+        r.try_read(4096).expect("read data");
+        cookies.push(cookie);
+    }
+    cookies.sort();
+    assert_eq!(cookies, vec![1, 2], "both reads answered");
+    assert!(r.closed(), "connection closed after DISC");
+}

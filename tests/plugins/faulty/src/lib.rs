@@ -6,10 +6,12 @@
 //!   message naming the offset (which must reach the client).
 //! * reading any byte of `[delay_at, delay_at + 4096)` takes `delay_ms`
 //!   (to hold a request in flight);
+//! * `min_block` / `max_block` declare block-size constraints.
 //! Every other byte reads back what was written (initially zero).
 
 use nbdhost_plugin_api::{
-    export_backend, param, Backend, Connection, Error, Flags, OpenContext, ParamKind, Params, Pwrite, Result,
+    export_backend, param, Backend, BlockSize, Connection, Error, Flags, OpenContext, ParamKind, Params, Pwrite,
+    Result,
 };
 use std::sync::{Arc, RwLock};
 
@@ -20,6 +22,8 @@ pub struct Faulty {
     fail_at: u64,
     delay_at: u64,
     delay_ms: u64,
+    min_block: u32,
+    max_block: u32,
 }
 
 pub struct FaultyHandle(Faulty);
@@ -39,6 +43,8 @@ impl Backend for Faulty {
         param(c"fail_at", ParamKind::Size, false, Some(c"2M"), c"reads of this 4 KiB block fail with EIO"),
         param(c"delay_at", ParamKind::Size, false, Some(c"3M"), c"reads of this 4 KiB block are slow"),
         param(c"delay_ms", ParamKind::Int, false, Some(c"1500"), c"how slow, in milliseconds"),
+        param(c"min_block", ParamKind::Size, false, Some(c"0"), c"minimum block size to declare (0: none)"),
+        param(c"max_block", ParamKind::Size, false, Some(c"0"), c"maximum payload to declare (0: default)"),
     ];
 
     fn create(p: &Params) -> Result<Self> {
@@ -49,6 +55,8 @@ impl Backend for Faulty {
             fail_at: p.size("fail_at")?.unwrap_or(2 << 20),
             delay_at: p.size("delay_at")?.unwrap_or(3 << 20),
             delay_ms: p.int("delay_ms")?.unwrap_or(1500) as u64,
+            min_block: p.size("min_block")?.unwrap_or(0) as u32,
+            max_block: p.size("max_block")?.unwrap_or(0) as u32,
         })
     }
 
@@ -60,6 +68,14 @@ impl Backend for Faulty {
 impl Connection for FaultyHandle {
     fn get_size(&self) -> Result<u64> {
         Ok(self.0.data.read().unwrap().len() as u64)
+    }
+    fn block_size(&self) -> Result<Option<BlockSize>> {
+        let f = &self.0;
+        Ok((f.min_block != 0 || f.max_block != 0).then_some(BlockSize {
+            minimum: f.min_block,
+            preferred: 0,
+            maximum: f.max_block,
+        }))
     }
     fn pread(&self, buf: &mut [u8], offset: u64, _: Flags) -> Result<()> {
         let f = &self.0;
