@@ -160,8 +160,11 @@ pub struct LayerSpec {
     pub params: Vec<RawParam>,
     /// Line of the layer's `plugin`/`filter` key.
     pub line: usize,
-    /// 1-based position in the stack (client side first).
-    pub index: usize,
+    /// Where it is, for messages: `layer 2`, `layer 1, part 3, layer 1`.
+    pub location: String,
+    /// For a composite layer (e.g. `concat`): its parts, each a whole stack
+    /// (client side first), in order.
+    pub parts: Vec<Vec<LayerSpec>>,
 }
 
 /// An export as described by its snippet (not yet built).
@@ -194,7 +197,146 @@ struct RawSnippet {
 }
 
 /// Keys of a layer table that are not plugin parameters.
-const LAYER_KEYS: [&str; 2] = ["plugin", "filter"];
+const LAYER_KEYS: [&str; 3] = ["plugin", "filter", "part"];
+
+/// A layer table's entries with the line each value is on.
+type RawLayer = Vec<(String, toml::Value, usize)>;
+
+/// Parses (possibly nested) stacks of layer tables.
+struct StackParser<'a> {
+    path: &'a Path,
+    export: &'a str,
+}
+
+impl StackParser<'_> {
+    fn err(&self, line: Option<usize>, msg: String) -> ConfigError {
+        let sep = if msg.starts_with("layer ") { ", " } else { ": " };
+        ConfigError::new(self.path, line, format!("export `{}`{sep}{msg}", self.export))
+    }
+
+    /// Parse one stack. `prefix` locates it (`""` for the export's own
+    /// stack, `layer 1, part 2, ` for a part).
+    fn stack(&self, prefix: &str, layers: Vec<RawLayer>, line: Option<usize>) -> Result<Vec<LayerSpec>, ConfigError> {
+        if layers.is_empty() {
+            let what =
+                if prefix.is_empty() { "the stack".to_string() } else { prefix.trim_end_matches(", ").to_string() };
+            return Err(self.err(line, format!("{what} is empty; add a [[layer]] table with `plugin = \"...\"`")));
+        }
+        let mut stack = Vec::with_capacity(layers.len());
+        for (i, entries) in layers.into_iter().enumerate() {
+            stack.push(self.layer(&format!("{prefix}layer {}", i + 1), entries)?);
+        }
+        let last = stack.last().expect("non-empty");
+        if last.kind == LayerKind::Filter {
+            return Err(self.err(
+                Some(last.line),
+                format!(
+                    "{}: the bottom layer `{}` is a filter; a stack must end with a plugin",
+                    last.location, last.name
+                ),
+            ));
+        }
+        if let Some(l) = stack[..stack.len() - 1].iter().find(|l| l.kind == LayerKind::Plugin) {
+            return Err(
+                self.err(Some(l.line), format!("{}: plugin `{}` can only be the bottom layer", l.location, l.name))
+            );
+        }
+        Ok(stack)
+    }
+
+    fn layer(&self, location: &str, entries: RawLayer) -> Result<LayerSpec, ConfigError> {
+        let first_line = entries.iter().map(|e| e.2).min();
+        let get_name = |key: &str| -> Result<Option<(String, usize)>, ConfigError> {
+            match entries.iter().find(|e| e.0 == key) {
+                None => Ok(None),
+                Some((_, toml::Value::String(s), l)) => Ok(Some((s.clone(), *l))),
+                Some((_, _, l)) => Err(self.err(Some(*l), format!("{location}: key `{key}` must be a string"))),
+            }
+        };
+        let (kind, name, line) = match (get_name("plugin")?, get_name("filter")?) {
+            (Some((n, l)), None) => (LayerKind::Plugin, n, l),
+            (None, Some((n, l))) => (LayerKind::Filter, n, l),
+            (Some(_), Some((_, l))) => {
+                return Err(self.err(Some(l), format!("{location}: set either `plugin` or `filter`, not both")))
+            }
+            (None, None) => return Err(self.err(first_line, format!("{location}: missing key `plugin` (or `filter`)"))),
+        };
+        let mut params = Vec::new();
+        let mut parts = Vec::new();
+        for (key, v, pline) in &entries {
+            if key == "part" {
+                parts = self.parts(location, &name, v, *pline)?;
+                continue;
+            }
+            if LAYER_KEYS.contains(&key.as_str()) {
+                continue;
+            }
+            let value = match v {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(n) => n.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => {
+                    return Err(self.err(
+                        Some(*pline),
+                        format!(
+                            "{location} ({name}): key `{key}` must be a string, integer or boolean, not {}",
+                            other.type_str()
+                        ),
+                    ))
+                }
+            };
+            params.push(RawParam { key: key.clone(), value, line: *pline });
+        }
+        params.sort_by_key(|p| p.line);
+        if kind == LayerKind::Filter && !parts.is_empty() {
+            return Err(self.err(
+                Some(line),
+                format!("{location}: filter `{name}` cannot have parts; a layer with parts is a plugin (`plugin = \"{name}\"`)"),
+            ));
+        }
+        Ok(LayerSpec { kind, name, params, line, location: location.to_string(), parts })
+    }
+
+    /// `part = [ { layer = [...] }, ... ]` of a composite layer.
+    fn parts(
+        &self,
+        location: &str,
+        name: &str,
+        v: &toml::Value,
+        line: usize,
+    ) -> Result<Vec<Vec<LayerSpec>>, ConfigError> {
+        let bad = || {
+            self.err(Some(line), format!("{location} ({name}): `part` must be a list of tables, each with a `layer` list ([[layer.part]] then [[layer.part.layer]])"))
+        };
+        let toml::Value::Array(items) = v else { return Err(bad()) };
+        let mut parts = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let toml::Value::Table(t) = item else { return Err(bad()) };
+            if let Some(k) = t.keys().find(|k| *k != "layer") {
+                return Err(self.err(
+                    Some(line),
+                    format!("{location}, part {}: unknown key `{k}` (a part holds only `layer` tables)", i + 1),
+                ));
+            }
+            let layers = match t.get("layer") {
+                None => Vec::new(),
+                Some(toml::Value::Array(ls)) => {
+                    let mut out = Vec::with_capacity(ls.len());
+                    for l in ls {
+                        let toml::Value::Table(lt) = l else { return Err(bad()) };
+                        // Nested values carry no positions of their own: they
+                        // are reported at the `part` key's line.
+                        out.push(lt.iter().map(|(k, v)| (k.clone(), v.clone(), line)).collect());
+                    }
+                    out
+                }
+                Some(_) => return Err(bad()),
+            };
+            parts.push(self.stack(&format!("{location}, part {}, ", i + 1), layers, Some(line))?);
+        }
+        Ok(parts)
+    }
+}
 
 /// Check an export name against the protocol's string rules.
 pub fn check_export_name(name: &str) -> Result<(), String> {
@@ -219,92 +361,12 @@ impl ExportSpec {
                 .ok_or_else(|| ConfigError::new(path, None, "cannot derive an export name from the file name"))?,
         };
         check_export_name(&name).map_err(|m| ConfigError::new(path, None, format!("key `name`: {m}")))?;
-        if raw.layer.is_empty() {
-            return Err(ConfigError::new(
-                path,
-                None,
-                format!("export `{name}`: the stack is empty; add a [[layer]] table with `plugin = \"...\"`"),
-            ));
-        }
-        let mut stack = Vec::with_capacity(raw.layer.len());
-        for (i, table) in raw.layer.into_iter().enumerate() {
-            let index = i + 1;
-            let get_name = |key: &str| -> Result<Option<(String, usize)>, ConfigError> {
-                match table.get(key) {
-                    None => Ok(None),
-                    Some(v) => match v.get_ref() {
-                        toml::Value::String(s) => Ok(Some((s.clone(), line_of(text, v.span().start)))),
-                        _ => Err(ConfigError::new(
-                            path,
-                            Some(line_of(text, v.span().start)),
-                            format!("export `{name}`, layer {index}: key `{key}` must be a string"),
-                        )),
-                    },
-                }
-            };
-            let (kind, lname, line) = match (get_name("plugin")?, get_name("filter")?) {
-                (Some((n, l)), None) => (LayerKind::Plugin, n, l),
-                (None, Some((n, l))) => (LayerKind::Filter, n, l),
-                (Some(_), Some((_, l))) => {
-                    return Err(ConfigError::new(
-                        path,
-                        Some(l),
-                        format!("export `{name}`, layer {index}: set either `plugin` or `filter`, not both"),
-                    ))
-                }
-                (None, None) => {
-                    let line = table.values().map(|v| line_of(text, v.span().start)).min();
-                    return Err(ConfigError::new(
-                        path,
-                        line,
-                        format!("export `{name}`, layer {index}: missing key `plugin` (or `filter`)"),
-                    ));
-                }
-            };
-            let mut params = Vec::new();
-            for (key, v) in &table {
-                if LAYER_KEYS.contains(&key.as_str()) {
-                    continue;
-                }
-                let pline = line_of(text, v.span().start);
-                let value = match v.get_ref() {
-                    toml::Value::String(s) => s.clone(),
-                    toml::Value::Integer(n) => n.to_string(),
-                    toml::Value::Boolean(b) => b.to_string(),
-                    other => {
-                        return Err(ConfigError::new(
-                            path,
-                            Some(pline),
-                            format!(
-                                "export `{name}`, layer {index} ({lname}): key `{key}` must be a string, integer or boolean, not {}",
-                                other.type_str()
-                            ),
-                        ))
-                    }
-                };
-                params.push(RawParam { key: key.clone(), value, line: pline });
-            }
-            params.sort_by_key(|p| p.line);
-            stack.push(LayerSpec { kind, name: lname, params, line, index });
-        }
-        let last = stack.last().expect("non-empty");
-        if last.kind == LayerKind::Filter {
-            return Err(ConfigError::new(
-                path,
-                Some(last.line),
-                format!(
-                    "export `{name}`: the bottom layer `{}` is a filter; a stack must end with a plugin",
-                    last.name
-                ),
-            ));
-        }
-        if let Some(l) = stack[..stack.len() - 1].iter().find(|l| l.kind == LayerKind::Plugin) {
-            return Err(ConfigError::new(
-                path,
-                Some(l.line),
-                format!("export `{name}`, layer {}: plugin `{}` can only be the bottom layer", l.index, l.name),
-            ));
-        }
+        let layers: Vec<RawLayer> = raw
+            .layer
+            .into_iter()
+            .map(|t| t.into_iter().map(|(k, v)| (k, v.get_ref().clone(), line_of(text, v.span().start))).collect())
+            .collect();
+        let stack = StackParser { path, export: &name }.stack("", layers, None)?;
         Ok(ExportSpec {
             name,
             description: raw.description.unwrap_or_default(),
@@ -374,7 +436,7 @@ pub fn validate_params(
         ConfigError::new(
             &spec.source,
             Some(line),
-            format!("export `{}`, layer {} ({}): {msg}", spec.name, layer.index, layer.name),
+            format!("export `{}`, {} ({}): {msg}", spec.name, layer.location, layer.name),
         )
     };
     let mut out = Vec::new();
@@ -464,6 +526,8 @@ mod tests {
     #[test]
     fn structural_errors() {
         assert!(parse("description = \"x\"\n").unwrap_err().message.contains("stack is empty"));
+        let e = parse("[[layer]]\nfilter = \"cow\"\n[[layer.part]]\n[[layer.part.layer]]\nplugin = \"file\"\n[[layer]]\nplugin = \"m\"\n").unwrap_err();
+        assert!(e.message.contains("cannot have parts"), "{e}");
         let e = parse("[[layer]]\nsize = 3\n").unwrap_err();
         assert!(e.message.contains("missing key `plugin`"), "{e}");
         assert_eq!(e.line, Some(2));
@@ -475,6 +539,42 @@ mod tests {
         assert!(e.message.contains("key `size`") && e.message.contains("float"), "{e}");
         let e = parse("readonly = \"yes\"\n[[layer]]\nplugin = \"memory\"\n").unwrap_err();
         assert_eq!(e.line, Some(1), "{e}");
+    }
+
+    #[test]
+    fn trees_of_stacks() {
+        let text = r#"
+[[layer]]
+filter = "log"
+[[layer]]
+plugin = "concat"
+[[layer.part]]
+  [[layer.part.layer]]
+  plugin = "file"
+  path = "a.img"
+[[layer.part]]
+  [[layer.part.layer]]
+  filter = "cow"
+  [[layer.part.layer]]
+  plugin = "file"
+  path = "b.img"
+"#;
+        let s = parse(text).unwrap();
+        assert_eq!(s.stack.len(), 2);
+        let concat = &s.stack[1];
+        assert_eq!(concat.name, "concat");
+        assert_eq!(concat.parts.len(), 2);
+        assert_eq!(concat.parts[1][0].name, "cow");
+        assert_eq!(concat.parts[1][0].location, "layer 2, part 2, layer 1");
+        assert_eq!(concat.parts[1][1].params[0].value, "b.img");
+        // A part must end with a plugin, and may not be empty.
+        let e = parse("[[layer]]\nplugin = \"concat\"\n[[layer.part]]\n[[layer.part.layer]]\nfilter = \"cow\"\n")
+            .unwrap_err();
+        assert!(e.message.contains("layer 1, part 1, layer 1: the bottom layer `cow` is a filter"), "{e}");
+        let e = parse("[[layer]]\nplugin = \"concat\"\n[[layer.part]]\n").unwrap_err();
+        assert!(e.message.contains("part 1 is empty"), "{e}");
+        let e = parse("[[layer]]\nplugin = \"concat\"\npart = 3\n").unwrap_err();
+        assert!(e.message.contains("must be a list of tables"), "{e}");
     }
 
     #[test]

@@ -40,6 +40,20 @@ impl NbdErrno {
         }
     }
 
+    /// The POSIX errno a filter sees for this error from the layer below.
+    pub fn to_posix(self) -> i32 {
+        match self {
+            NbdErrno::Perm => libc::EPERM,
+            NbdErrno::Io => libc::EIO,
+            NbdErrno::NoMem => libc::ENOMEM,
+            NbdErrno::Inval => libc::EINVAL,
+            NbdErrno::NoSpc => libc::ENOSPC,
+            NbdErrno::Overflow => libc::EOVERFLOW,
+            NbdErrno::NotSup => libc::ENOTSUP,
+            NbdErrno::Shutdown => libc::ESHUTDOWN,
+        }
+    }
+
     /// Map a POSIX errno from a plugin. Unknown values become EIO: something
     /// failed, and EINVAL would blame the client.
     pub fn from_posix(errno: i32) -> Self {
@@ -100,5 +114,17 @@ mod tests {
         assert_eq!(NbdErrno::from_posix(libc::ENOENT), NbdErrno::Io);
         assert_eq!(NbdErrno::Shutdown.code(), 108);
         assert_eq!(NbdErrno::NotSup.code(), 95);
+        for e in [
+            NbdErrno::Perm,
+            NbdErrno::Io,
+            NbdErrno::NoMem,
+            NbdErrno::Inval,
+            NbdErrno::NoSpc,
+            NbdErrno::Overflow,
+            NbdErrno::NotSup,
+            NbdErrno::Shutdown,
+        ] {
+            assert_eq!(NbdErrno::from_posix(e.to_posix()), e, "{e:?} survives a trip through a filter");
+        }
     }
 }

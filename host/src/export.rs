@@ -1,10 +1,10 @@
 //! Exports as the server runs them: a built pipeline per export, opened
 //! once per connection, and the set of exports clients can choose from.
 
-use crate::config::{validate_params, ConfigError, ConfigErrors, ExportSpec, LayerKind};
+use crate::config::{validate_params, ConfigError, ConfigErrors, ExportSpec, LayerKind, LayerSpec};
 use crate::error::OpError;
-use crate::loader::{OpenRequest, PluginDirectory, PluginInstance};
-use crate::pipeline::{request_lock_for, CheckedLayer, RequestLock};
+use crate::loader::{LoadedPlugin, OpenRequest, PluginDirectory, PluginInstance};
+use crate::pipeline::{request_lock_for, CheckedLayer, FilterLayer, Layer, RequestLock};
 use nbdhost_plugin_api::ThreadModel;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -50,7 +50,7 @@ pub struct Export {
     pub spec: ExportSpec,
     /// Most restrictive thread model of the pipeline.
     pub thread_model: ThreadModel,
-    backend: Arc<PluginInstance>,
+    stack: Vec<BuiltLayer>,
     export_lock: RequestLock,
     gate: Arc<ConnectionGate>,
     connections: Arc<AtomicUsize>,
@@ -76,38 +76,25 @@ pub struct OpenExport {
 impl Export {
     /// Build an export from its spec, loading plugins from `plugins`.
     pub fn build(spec: &ExportSpec, plugins: &PluginDirectory) -> Result<Export, ConfigError> {
-        let err = |line, msg: String| ConfigError { file: spec.source.clone(), line, message: msg };
-        if let Some(f) = spec.stack.iter().find(|l| l.kind == LayerKind::Filter) {
-            return Err(err(
-                Some(f.line),
-                format!(
-                    "export `{}`, layer {}: filter `{}`: this nbdhost release has no filter support yet; use a plugin-only stack",
-                    spec.name, f.index, f.name
-                ),
-            ));
-        }
-        let layer = spec.stack.last().expect("parser guarantees a non-empty stack");
-        let plugin = plugins
-            .get(&layer.name)
-            .map_err(|e| err(Some(layer.line), format!("export `{}`, layer {}: {e}", spec.name, layer.index)))?;
-        let params = validate_params(spec, layer, &plugin)?;
-        let backend = plugin.create(&params).map_err(|e| {
-            err(
-                Some(layer.line),
-                format!("export `{}`, layer {} ({}): {}", spec.name, layer.index, layer.name, e.message),
-            )
-        })?;
+        let stack = build_stack(spec, &spec.stack, plugins)?;
+        let thread_model = most_restrictive(&stack);
         Ok(Export {
             name: spec.name.clone(),
             description: spec.description.clone(),
             readonly: spec.readonly,
             spec: spec.clone(),
-            thread_model: plugin.thread_model,
-            backend,
+            thread_model,
+            stack,
             export_lock: RequestLock::shared(),
             gate: Arc::new(ConnectionGate::default()),
             connections: Arc::new(AtomicUsize::new(0)),
         })
+    }
+
+    /// The layers, client side first, as `name > name > ...` with parts in
+    /// brackets: `log > concat[file | cow > file | file]`.
+    pub fn describe(&self) -> String {
+        describe(&self.stack)
     }
 
     /// Has the export as many connections as its snippet allows?
@@ -121,11 +108,138 @@ impl Export {
         self.connections.fetch_add(1, Ordering::SeqCst);
         let count = ConnectionCount(self.connections.clone());
         let ticket = (self.thread_model == ThreadModel::SerializeConnections).then(|| self.gate.enter());
-        let handle = self.backend.open(&OpenRequest { readonly: self.readonly, export_name: &self.name, peer })?;
         let lock = request_lock_for(self.thread_model, &self.export_lock);
-        let layer = CheckedLayer::new(handle, self.readonly, lock, &self.name)?;
+        let at = OpenAt { export: &self.name, peer };
+        let layer = open_stack(&self.stack, self.readonly, &at, lock, &self.name)?;
         Ok(OpenExport { layer, _ticket: ticket, _count: count })
     }
+}
+
+/// One built layer: its plugin, per-export instance and (for composite
+/// layers) its parts.
+struct BuiltLayer {
+    plugin: Arc<LoadedPlugin>,
+    instance: Arc<PluginInstance>,
+    parts: Vec<Vec<BuiltLayer>>,
+}
+
+fn build_stack(
+    spec: &ExportSpec,
+    stack: &[LayerSpec],
+    plugins: &PluginDirectory,
+) -> Result<Vec<BuiltLayer>, ConfigError> {
+    stack.iter().map(|l| build_layer(spec, l, plugins)).collect()
+}
+
+fn build_layer(spec: &ExportSpec, layer: &LayerSpec, plugins: &PluginDirectory) -> Result<BuiltLayer, ConfigError> {
+    let err = |msg: String| ConfigError {
+        file: spec.source.clone(),
+        line: Some(layer.line),
+        message: format!("export `{}`, {}: {msg}", spec.name, layer.location),
+    };
+    let plugin = plugins.get(&layer.name).map_err(|e| err(e.to_string()))?;
+    let n = layer.parts.len();
+    match (layer.kind, plugin.filter_shape()) {
+        (LayerKind::Filter, None) => {
+            return Err(err(format!(
+                "`{}` is a backend plugin, not a filter: write `plugin = \"{}\"`",
+                layer.name, layer.name
+            )))
+        }
+        (LayerKind::Filter, Some(shape)) if shape.min_children > 1 => {
+            return Err(err(format!(
+                "`{}` combines {} or more stacks: write it as `plugin = \"{}\"` with [[layer.part]] tables",
+                layer.name, shape.min_children, layer.name
+            )))
+        }
+        (LayerKind::Plugin, None) if n > 0 => {
+            return Err(err(format!("backend `{}` takes no parts", layer.name)));
+        }
+        (LayerKind::Plugin, Some(shape)) if n == 0 => {
+            return Err(err(format!(
+                "`{}` is a filter: put it above a plugin with `filter = \"{}\"`{}",
+                layer.name,
+                layer.name,
+                if shape.max_children > 1 { ", or give it [[layer.part]] tables" } else { "" }
+            )))
+        }
+        (LayerKind::Plugin, Some(shape)) if n < shape.min_children as usize || n > shape.max_children as usize => {
+            return Err(err(format!(
+                "`{}` takes {} to {} parts, not {n}",
+                layer.name, shape.min_children, shape.max_children
+            )))
+        }
+        _ => {}
+    }
+    let params = validate_params(spec, layer, &plugin)?;
+    let instance = plugin.create(&params).map_err(|e| err(format!("{}: {}", layer.name, e.message)))?;
+    let parts = layer.parts.iter().map(|p| build_stack(spec, p, plugins)).collect::<Result<Vec<_>, _>>()?;
+    Ok(BuiltLayer { plugin, instance, parts })
+}
+
+fn most_restrictive(stack: &[BuiltLayer]) -> ThreadModel {
+    stack
+        .iter()
+        .map(|l| {
+            l.plugin
+                .thread_model
+                .min(l.parts.iter().map(|p| most_restrictive(p)).min().unwrap_or(ThreadModel::Parallel))
+        })
+        .min()
+        .unwrap_or(ThreadModel::Parallel)
+}
+
+fn describe(stack: &[BuiltLayer]) -> String {
+    stack
+        .iter()
+        .map(|l| {
+            if l.parts.is_empty() {
+                l.plugin.name.clone()
+            } else {
+                let parts: Vec<String> = l.parts.iter().map(|p| describe(p)).collect();
+                format!("{}[{}]", l.plugin.name, parts.join(" | "))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" > ")
+}
+
+struct OpenAt<'a> {
+    export: &'a str,
+    peer: &'a str,
+}
+
+/// Open a stack for one connection, bottom-up: each filter gets the checked
+/// layers below it. Only the top layer takes the thread-model lock (the
+/// pipeline's model is already the most restrictive of its layers).
+fn open_stack(
+    stack: &[BuiltLayer],
+    readonly: bool,
+    at: &OpenAt<'_>,
+    lock: RequestLock,
+    name: &str,
+) -> Result<CheckedLayer, OpError> {
+    let (top, below) = stack.split_first().expect("stacks are never empty");
+    let req = OpenRequest { readonly, export_name: at.export, peer: at.peer };
+    let inner: Box<dyn Layer> = match top.plugin.filter_shape() {
+        None => Box::new(top.instance.open(&req)?),
+        Some(shape) => {
+            let child_ro = readonly || shape.child_readonly;
+            let children = if top.parts.is_empty() {
+                let child_name = format!("{}/{}", at.export, below[0].plugin.name);
+                vec![Arc::new(open_stack(below, child_ro, at, RequestLock::none(), &child_name)?)]
+            } else {
+                let mut v = Vec::with_capacity(top.parts.len());
+                for (i, p) in top.parts.iter().enumerate() {
+                    let child_name = format!("{}/{}#{}", at.export, top.plugin.name, i + 1);
+                    v.push(Arc::new(open_stack(p, child_ro, at, RequestLock::none(), &child_name)?));
+                }
+                v
+            };
+            Box::new(FilterLayer::open(&top.instance, &req, children)?)
+        }
+    };
+    CheckedLayer::new(inner, readonly, lock, name)
 }
 
 /// The exports a server offers, and which one the empty name means.

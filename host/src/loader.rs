@@ -11,7 +11,9 @@
 //! registered thread-local destructors, and `dlclose` under them would crash
 //! the server. Reloading configuration reuses the loaded library.
 
-use nbdhost_plugin_api::abi::{self, BlockSize, ExtentSink, HostApi, OpenInfo, Param, PluginTable};
+use nbdhost_plugin_api::abi::{
+    self, BlockSize, CanFn, ExtentSink, FilterTable, Handle, HostApi, NextOps, OpenInfo, Param, PluginTable,
+};
 use nbdhost_plugin_api::{ParamKind, ThreadModel};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr, CString};
@@ -132,6 +134,94 @@ fn cstr(p: *const c_char) -> String {
     unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
 }
 
+type PreadFn = unsafe extern "C" fn(Handle, *mut u8, u64, u64, u32) -> i32;
+type PwriteFn = unsafe extern "C" fn(Handle, *const u8, u64, u64, u32) -> i32;
+type FlushFn = unsafe extern "C" fn(Handle, u32) -> i32;
+type RangeFn = unsafe extern "C" fn(Handle, u64, u64, u32) -> i32;
+type ExtentsFn = unsafe extern "C" fn(Handle, u64, u64, u32, *mut ExtentSink) -> i32;
+type CreateFn = unsafe extern "C" fn(*const Param, usize, *mut abi::Instance) -> i32;
+
+/// The per-handle callbacks, which backends and filters share.
+#[derive(Clone, Copy)]
+struct Ops {
+    create: Option<CreateFn>,
+    destroy: Option<unsafe extern "C" fn(abi::Instance)>,
+    close: Option<unsafe extern "C" fn(Handle)>,
+    get_size: Option<unsafe extern "C" fn(Handle, *mut u64) -> i32>,
+    block_size: Option<unsafe extern "C" fn(Handle, *mut BlockSize) -> i32>,
+    can_write: Option<CanFn>,
+    can_flush: Option<CanFn>,
+    is_rotational: Option<CanFn>,
+    can_trim: Option<CanFn>,
+    can_zero: Option<CanFn>,
+    can_fast_zero: Option<CanFn>,
+    can_fua: Option<CanFn>,
+    can_multi_conn: Option<CanFn>,
+    can_extents: Option<CanFn>,
+    can_cache: Option<CanFn>,
+    pread: Option<PreadFn>,
+    pwrite: Option<PwriteFn>,
+    flush: Option<FlushFn>,
+    trim: Option<RangeFn>,
+    zero: Option<RangeFn>,
+    extents: Option<ExtentsFn>,
+    cache: Option<RangeFn>,
+}
+
+macro_rules! ops_from {
+    ($t:expr) => {
+        Ops {
+            create: $t.create,
+            destroy: $t.destroy,
+            close: $t.close,
+            get_size: $t.get_size,
+            block_size: $t.block_size,
+            can_write: $t.can_write,
+            can_flush: $t.can_flush,
+            is_rotational: $t.is_rotational,
+            can_trim: $t.can_trim,
+            can_zero: $t.can_zero,
+            can_fast_zero: $t.can_fast_zero,
+            can_fua: $t.can_fua,
+            can_multi_conn: $t.can_multi_conn,
+            can_extents: $t.can_extents,
+            can_cache: $t.can_cache,
+            pread: $t.pread,
+            pwrite: $t.pwrite,
+            flush: $t.flush,
+            trim: $t.trim,
+            zero: $t.zero,
+            extents: $t.extents,
+            cache: $t.cache,
+        }
+    };
+}
+
+/// What kind of layer a plugin provides, with its kind-specific callbacks.
+#[derive(Clone, Copy)]
+enum Kind {
+    Backend {
+        open: unsafe extern "C" fn(abi::Instance, *const OpenInfo, *mut Handle) -> i32,
+    },
+    Filter {
+        open: unsafe extern "C" fn(abi::Instance, *const OpenInfo, *const *const NextOps, usize, *mut Handle) -> i32,
+        min_children: u32,
+        max_children: u32,
+        child_readonly: bool,
+    },
+}
+
+/// A filter's structural declarations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FilterShape {
+    /// Fewest layers below.
+    pub min_children: u32,
+    /// Most layers below.
+    pub max_children: u32,
+    /// Opens the layers below read-only.
+    pub child_readonly: bool,
+}
+
 /// A loaded plugin library with its copied table.
 pub struct LoadedPlugin {
     /// Name the plugin declares.
@@ -148,7 +238,8 @@ pub struct LoadedPlugin {
     pub params: Vec<ParamInfo>,
     /// Declared thread model.
     pub thread_model: ThreadModel,
-    table: PluginTable,
+    kind: Kind,
+    ops: Ops,
     // Kept alive (and never freed) for the plugin's host callbacks.
     _host: &'static HostApi,
 }
@@ -223,26 +314,60 @@ impl LoadedPlugin {
                 "plugin {shown}: table is {size} bytes, smaller than the {header}-byte ABI header"
             )));
         }
-        if kind != abi::PLUGIN_KIND_BACKEND {
-            return Err(LoadError(format!(
-                "plugin {shown}: kind {kind} is not a backend (filters are loaded as filters)"
-            )));
-        }
-        // SAFETY: the plugin declared `size` readable bytes; fields beyond
-        // them stay zero (= absent), which is valid for every field type.
-        let table = unsafe { nbdhost_plugin_api::__private::copy_prefix(table_ptr, size) };
-        let thread_model = match table.thread_model {
+        // SAFETY (both arms): the plugin declared `size` readable bytes of
+        // the table its `kind` names; fields beyond them stay zero (=
+        // absent), which is valid for every field type.
+        let (kind, ops, common) = match kind {
+            abi::PLUGIN_KIND_BACKEND => {
+                let t: PluginTable = unsafe { nbdhost_plugin_api::__private::copy_prefix(table_ptr, size) };
+                if t.create.is_none() || t.open.is_none() || t.get_size.is_none() || t.pread.is_none() {
+                    return Err(LoadError(format!(
+                        "plugin {shown}: a backend must provide create, open, get_size and pread"
+                    )));
+                }
+                let common = (t.thread_model, t.name, t.version, t.description, t.params, t.n_params);
+                (Kind::Backend { open: t.open.expect("checked") }, ops_from!(t), common)
+            }
+            abi::PLUGIN_KIND_FILTER => {
+                let t: FilterTable =
+                    unsafe { nbdhost_plugin_api::__private::copy_prefix(table_ptr as *const FilterTable, size) };
+                if t.create.is_none() || t.open.is_none() {
+                    return Err(LoadError(format!("plugin {shown}: a filter must provide create and open")));
+                }
+                if t.min_children > t.max_children || t.max_children == 0 {
+                    return Err(LoadError(format!(
+                        "plugin {shown}: declares between {} and {} layers below it",
+                        t.min_children, t.max_children
+                    )));
+                }
+                let common = (t.thread_model, t.name, t.version, t.description, t.params, t.n_params);
+                let kind = Kind::Filter {
+                    open: t.open.expect("checked"),
+                    min_children: t.min_children,
+                    max_children: t.max_children,
+                    child_readonly: t.child_readonly != 0,
+                };
+                (kind, ops_from!(t), common)
+            }
+            other => {
+                return Err(LoadError(format!(
+                    "plugin {shown}: unknown kind {other} (this host knows backends and filters)"
+                )))
+            }
+        };
+        let (thread_model, name, version, description, params_ptr, n_params) = common;
+        let thread_model = match thread_model {
             abi::THREAD_MODEL_SERIALIZE_CONNECTIONS => ThreadModel::SerializeConnections,
             abi::THREAD_MODEL_SERIALIZE_ALL_REQUESTS => ThreadModel::SerializeAllRequests,
             abi::THREAD_MODEL_SERIALIZE_REQUESTS => ThreadModel::SerializeRequests,
             abi::THREAD_MODEL_PARALLEL => ThreadModel::Parallel,
-            // An unknown (future, less restrictive?) model: be safe.
+            // An unknown (future) model: be safe.
             _ => ThreadModel::SerializeConnections,
         };
-        let mut params = Vec::with_capacity(table.n_params);
-        for i in 0..table.n_params {
+        let mut params = Vec::with_capacity(n_params);
+        for i in 0..n_params {
             // SAFETY: `params` points to `n_params` entries ('static data).
-            let p = unsafe { &*table.params.add(i) };
+            let p = unsafe { &*params_ptr.add(i) };
             let kind = match p.kind {
                 abi::PARAM_INT => ParamKind::Int,
                 abi::PARAM_SIZE => ParamKind::Size,
@@ -258,24 +383,32 @@ impl LoadedPlugin {
                 help: cstr(p.help),
             });
         }
-        if table.create.is_none() || table.open.is_none() || table.get_size.is_none() || table.pread.is_none() {
-            return Err(LoadError(format!("plugin {shown}: a backend must provide create, open, get_size and pread")));
-        }
-        let name = cstr(table.name);
+        let name = cstr(name);
         ctx.name = if name.is_empty() { ctx.name.clone() } else { name.clone() };
         // Never unload (see module docs).
         std::mem::forget(lib);
         Ok(Arc::new(LoadedPlugin {
             name: ctx.name.clone(),
-            version: cstr(table.version),
-            description: cstr(table.description),
+            version: cstr(version),
+            description: cstr(description),
             path: path.to_path_buf(),
             abi: (major, minor),
             params,
             thread_model,
-            table,
+            kind,
+            ops,
             _host: host,
         }))
+    }
+
+    /// The filter's declarations, or `None` for a backend.
+    pub fn filter_shape(&self) -> Option<FilterShape> {
+        match self.kind {
+            Kind::Backend { .. } => None,
+            Kind::Filter { min_children, max_children, child_readonly, .. } => {
+                Some(FilterShape { min_children, max_children, child_readonly })
+            }
+        }
     }
 
     /// Create per-export state from validated, normalised parameters.
@@ -288,7 +421,7 @@ impl LoadedPlugin {
             })
             .collect();
         let raw: Vec<Param> = owned.iter().map(|(k, v)| Param { key: k.as_ptr(), value: v.as_ptr() }).collect();
-        let create = self.table.create.expect("checked at load");
+        let create = self.ops.create.expect("checked at load");
         let mut inst: abi::Instance = std::ptr::null_mut();
         // SAFETY: `raw` holds valid NUL-terminated pairs for this call; `inst`
         // is a valid out-pointer.
@@ -312,7 +445,7 @@ unsafe impl Sync for PluginInstance {}
 
 impl Drop for PluginInstance {
     fn drop(&mut self) {
-        if let Some(destroy) = self.plugin.table.destroy {
+        if let Some(destroy) = self.plugin.ops.destroy {
             // SAFETY: every handle holds an Arc to us, so none is open; the
             // pointer came from `create` and is destroyed exactly once.
             unsafe { destroy(self.ptr) };
@@ -336,20 +469,46 @@ impl PluginInstance {
         &self.plugin
     }
 
-    /// Open a per-connection handle.
-    pub fn open(self: &Arc<Self>, req: &OpenRequest<'_>) -> Result<PluginHandle, PluginError> {
-        let info = OpenInfo {
+    fn open_info(req: &OpenRequest<'_>) -> OpenInfo {
+        OpenInfo {
             struct_size: std::mem::size_of::<OpenInfo>() as u32,
             readonly: req.readonly as u32,
             export_name: req.export_name.as_ptr(),
             export_name_len: req.export_name.len(),
             peer: req.peer.as_ptr(),
             peer_len: req.peer.len(),
+        }
+    }
+
+    /// Open a backend's per-connection handle.
+    pub fn open(self: &Arc<Self>, req: &OpenRequest<'_>) -> Result<PluginHandle, PluginError> {
+        let Kind::Backend { open } = self.plugin.kind else {
+            return Err(PluginError { errno: libc::EINVAL, message: format!("{} is a filter", self.plugin.name) });
         };
-        let open = self.plugin.table.open.expect("checked at load");
-        let mut h: abi::Handle = std::ptr::null_mut();
+        let info = Self::open_info(req);
+        let mut h: Handle = std::ptr::null_mut();
         // SAFETY: live instance, `info` valid for the call, valid out-pointer.
         call(&self.plugin.name, "open", || unsafe { open(self.ptr, &info, &mut h) })?;
+        Ok(PluginHandle { inst: self.clone(), ptr: h })
+    }
+
+    /// Open a filter's per-connection handle over `children`, which must
+    /// outlive the handle.
+    pub fn open_filter(
+        self: &Arc<Self>,
+        req: &OpenRequest<'_>,
+        children: &[NextTable],
+    ) -> Result<PluginHandle, PluginError> {
+        let Kind::Filter { open, .. } = self.plugin.kind else {
+            return Err(PluginError { errno: libc::EINVAL, message: format!("{} is not a filter", self.plugin.name) });
+        };
+        let info = Self::open_info(req);
+        let ptrs: Vec<*const NextOps> = children.iter().map(|c| &*c.ops as *const NextOps).collect();
+        let mut h: Handle = std::ptr::null_mut();
+        // SAFETY: live instance; `info` and the child table pointers are
+        // valid for the call, and the caller keeps the tables alive until
+        // the handle is closed; valid out-pointer.
+        call(&self.plugin.name, "open", || unsafe { open(self.ptr, &info, ptrs.as_ptr(), ptrs.len(), &mut h) })?;
         Ok(PluginHandle { inst: self.clone(), ptr: h })
     }
 }
@@ -367,16 +526,22 @@ unsafe impl Sync for PluginHandle {}
 
 impl Drop for PluginHandle {
     fn drop(&mut self) {
-        if let Some(close) = self.inst.plugin.table.close {
+        if let Some(close) = self.inst.plugin.ops.close {
             // SAFETY: handle from `open`, closed exactly once.
             unsafe { close(self.ptr) };
         }
     }
 }
 
-/// Which optional operations a plugin provides.
+/// Which operations a plugin provides.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Provided {
+    /// `get_size`
+    pub get_size: bool,
+    /// `block_size`
+    pub block_size: bool,
+    /// `pread`
+    pub pread: bool,
     /// `pwrite`
     pub pwrite: bool,
     /// `flush`
@@ -391,23 +556,9 @@ pub struct Provided {
     pub cache: bool,
 }
 
-macro_rules! can_query {
-    ($(#[$doc:meta])* $name:ident) => {
-        $(#[$doc])*
-        /// `None` when the plugin has no such query.
-        pub fn $name(&self) -> Result<Option<u32>, PluginError> {
-            let Some(f) = self.table().$name else { return Ok(None) };
-            let mut out = 0u32;
-            // SAFETY: live handle and valid out-pointer.
-            self.call(stringify!($name), || unsafe { f(self.ptr, &mut out) })?;
-            Ok(Some(out))
-        }
-    };
-}
-
 impl PluginHandle {
-    fn table(&self) -> &PluginTable {
-        &self.inst.plugin.table
+    fn table(&self) -> &Ops {
+        &self.inst.plugin.ops
     }
     fn call(&self, what: &str, f: impl FnOnce() -> i32) -> Result<(), PluginError> {
         call(&self.inst.plugin.name, what, f)
@@ -418,10 +569,13 @@ impl PluginHandle {
         &self.inst.plugin
     }
 
-    /// Optional operations present in the table.
+    /// Operations present in the table.
     pub fn provided(&self) -> Provided {
         let t = self.table();
         Provided {
+            get_size: t.get_size.is_some(),
+            block_size: t.block_size.is_some(),
+            pread: t.pread.is_some(),
             pwrite: t.pwrite.is_some(),
             flush: t.flush.is_some(),
             trim: t.trim.is_some(),
@@ -433,7 +587,7 @@ impl PluginHandle {
 
     /// Export size.
     pub fn get_size(&self) -> Result<u64, PluginError> {
-        let f = self.table().get_size.expect("checked at load");
+        let Some(f) = self.table().get_size else { return Err(absent("get_size", libc::EINVAL)) };
         let mut out = 0u64;
         // SAFETY: live handle and valid out-pointer.
         self.call("get_size", || unsafe { f(self.ptr, &mut out) })?;
@@ -451,50 +605,33 @@ impl PluginHandle {
         Ok((out != BlockSize::default()).then_some(out))
     }
 
-    can_query!(
-        /// Raw `can_write` answer.
-        can_write
-    );
-    can_query!(
-        /// Raw `can_flush` answer.
-        can_flush
-    );
-    can_query!(
-        /// Raw `is_rotational` answer.
-        is_rotational
-    );
-    can_query!(
-        /// Raw `can_trim` answer.
-        can_trim
-    );
-    can_query!(
-        /// Raw `can_zero` answer.
-        can_zero
-    );
-    can_query!(
-        /// Raw `can_fast_zero` answer.
-        can_fast_zero
-    );
-    can_query!(
-        /// Raw `can_fua` answer (`SUPPORT_*`).
-        can_fua
-    );
-    can_query!(
-        /// Raw `can_multi_conn` answer.
-        can_multi_conn
-    );
-    can_query!(
-        /// Raw `can_extents` answer.
-        can_extents
-    );
-    can_query!(
-        /// Raw `can_cache` answer (`SUPPORT_*`).
-        can_cache
-    );
+    /// Raw answer of the capability query `which` (`abi::CAN_*`); `None`
+    /// when the plugin has no such callback.
+    pub fn can(&self, which: u32) -> Result<Option<u32>, PluginError> {
+        let t = self.table();
+        let f = match which {
+            abi::CAN_WRITE => t.can_write,
+            abi::CAN_FLUSH => t.can_flush,
+            abi::CAN_ROTATIONAL => t.is_rotational,
+            abi::CAN_TRIM => t.can_trim,
+            abi::CAN_ZERO => t.can_zero,
+            abi::CAN_FAST_ZERO => t.can_fast_zero,
+            abi::CAN_FUA => t.can_fua,
+            abi::CAN_MULTI_CONN => t.can_multi_conn,
+            abi::CAN_EXTENTS => t.can_extents,
+            abi::CAN_CACHE => t.can_cache,
+            _ => None,
+        };
+        let Some(f) = f else { return Ok(None) };
+        let mut out = 0u32;
+        // SAFETY: live handle and valid out-pointer.
+        self.call("capability query", || unsafe { f(self.ptr, &mut out) })?;
+        Ok(Some(out))
+    }
 
     /// Read into `buf`.
     pub fn pread(&self, buf: &mut [u8], offset: u64, flags: u32) -> Result<(), PluginError> {
-        let f = self.table().pread.expect("checked at load");
+        let Some(f) = self.table().pread else { return Err(absent("pread", libc::EINVAL)) };
         // SAFETY: `buf` is writable for its length during the call.
         self.call("pread", || unsafe { f(self.ptr, buf.as_mut_ptr(), buf.len() as u64, offset, flags) })
     }
@@ -571,6 +708,162 @@ impl PluginHandle {
         // the call.
         self.call("extents", || unsafe { f(self.ptr, count, offset, flags, &mut sink) })
     }
+}
+
+/// What a filter's [`NextOps`] calls into: the checked layer below it.
+/// Implemented by the pipeline; errors carry a POSIX errno and a message.
+pub trait NextTarget: Send + Sync {
+    /// Size.
+    fn get_size(&self) -> Result<u64, PluginError>;
+    /// Block sizes, defaults filled in.
+    fn block_size(&self) -> Result<BlockSize, PluginError>;
+    /// Capability `which` (`abi::CAN_*`).
+    fn can(&self, which: u32) -> Result<u32, PluginError>;
+    /// Read.
+    fn pread(&self, buf: &mut [u8], offset: u64, flags: u32) -> Result<(), PluginError>;
+    /// Write.
+    fn pwrite(&self, buf: &[u8], offset: u64, flags: u32) -> Result<(), PluginError>;
+    /// Flush.
+    fn flush(&self, flags: u32) -> Result<(), PluginError>;
+    /// Trim.
+    fn trim(&self, count: u64, offset: u64, flags: u32) -> Result<(), PluginError>;
+    /// Zero.
+    fn zero(&self, count: u64, offset: u64, flags: u32) -> Result<(), PluginError>;
+    /// Extents as `(length, flags)` from `offset` on.
+    fn extents(&self, count: u64, offset: u64, flags: u32) -> Result<Vec<(u64, u32)>, PluginError>;
+    /// Cache.
+    fn cache(&self, count: u64, offset: u64, flags: u32) -> Result<(), PluginError>;
+}
+
+/// A [`NextOps`] table for one child of a filter, pointing at its target.
+pub struct NextTable {
+    ops: Box<NextOps>,
+    // The table's ctx points into this box; keep it alive with the table.
+    _target: Box<Arc<dyn NextTarget>>,
+}
+
+impl NextTable {
+    /// A table whose calls go to `target`.
+    pub fn new(target: Arc<dyn NextTarget>) -> NextTable {
+        let target = Box::new(target);
+        let ctx = &*target as *const Arc<dyn NextTarget> as *mut c_void;
+        let ops = Box::new(NextOps {
+            struct_size: std::mem::size_of::<NextOps>() as u32,
+            ctx,
+            get_size: next_get_size,
+            block_size: next_block_size,
+            can: next_can,
+            pread: next_pread,
+            pwrite: next_pwrite,
+            flush: next_flush,
+            trim: next_trim,
+            zero: next_zero,
+            extents: next_extents,
+            cache: next_cache,
+        });
+        NextTable { ops, _target: target }
+    }
+}
+
+// SAFETY: the table's ctx points at an `Arc<dyn NextTarget>` (Send + Sync).
+unsafe impl Send for NextTable {}
+// SAFETY: as above.
+unsafe impl Sync for NextTable {}
+
+/// Run a NextOps call: no panic escapes, and a failure leaves its message
+/// for whoever returns the errno to the host.
+fn next_call(ctx: *mut c_void, f: impl FnOnce(&dyn NextTarget) -> Result<(), PluginError>) -> i32 {
+    // SAFETY: `ctx` is the `Arc<dyn NextTarget>` owned by the NextTable the
+    // filter was given, alive until the filter's handle is closed.
+    let target = unsafe { &*(ctx as *const Arc<dyn NextTarget>) };
+    match catch_unwind(AssertUnwindSafe(|| f(&**target))) {
+        Ok(Ok(())) => 0,
+        Ok(Err(e)) => {
+            LAST_ERROR.with(|m| *m.borrow_mut() = Some(e.message));
+            e.errno.max(1)
+        }
+        Err(_) => {
+            LAST_ERROR.with(|m| *m.borrow_mut() = Some("internal error in the layer below".into()));
+            libc::EIO
+        }
+    }
+}
+
+unsafe extern "C" fn next_get_size(ctx: *mut c_void, out: *mut u64) -> i32 {
+    next_call(ctx, |t| {
+        let v = t.get_size()?;
+        // SAFETY: valid out-pointer from the filter.
+        unsafe { *out = v };
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn next_block_size(ctx: *mut c_void, out: *mut BlockSize) -> i32 {
+    next_call(ctx, |t| {
+        let v = t.block_size()?;
+        // SAFETY: valid out-pointer from the filter.
+        unsafe { *out = v };
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn next_can(ctx: *mut c_void, which: u32, out: *mut u32) -> i32 {
+    next_call(ctx, |t| {
+        let v = t.can(which)?;
+        // SAFETY: valid out-pointer from the filter.
+        unsafe { *out = v };
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn next_pread(ctx: *mut c_void, buf: *mut u8, count: u64, offset: u64, flags: u32) -> i32 {
+    next_call(ctx, |t| {
+        // SAFETY: the filter passes a writable buffer of `count` bytes.
+        let buf = unsafe { std::slice::from_raw_parts_mut(buf, count as usize) };
+        t.pread(buf, offset, flags)
+    })
+}
+
+unsafe extern "C" fn next_pwrite(ctx: *mut c_void, buf: *const u8, count: u64, offset: u64, flags: u32) -> i32 {
+    next_call(ctx, |t| {
+        // SAFETY: the filter passes a readable buffer of `count` bytes.
+        let buf = unsafe { std::slice::from_raw_parts(buf, count as usize) };
+        t.pwrite(buf, offset, flags)
+    })
+}
+
+unsafe extern "C" fn next_flush(ctx: *mut c_void, flags: u32) -> i32 {
+    next_call(ctx, |t| t.flush(flags))
+}
+
+unsafe extern "C" fn next_trim(ctx: *mut c_void, count: u64, offset: u64, flags: u32) -> i32 {
+    next_call(ctx, |t| t.trim(count, offset, flags))
+}
+
+unsafe extern "C" fn next_zero(ctx: *mut c_void, count: u64, offset: u64, flags: u32) -> i32 {
+    next_call(ctx, |t| t.zero(count, offset, flags))
+}
+
+unsafe extern "C" fn next_cache(ctx: *mut c_void, count: u64, offset: u64, flags: u32) -> i32 {
+    next_call(ctx, |t| t.cache(count, offset, flags))
+}
+
+unsafe extern "C" fn next_extents(ctx: *mut c_void, count: u64, offset: u64, flags: u32, sink: *mut ExtentSink) -> i32 {
+    next_call(ctx, |t| {
+        let extents = t.extents(count, offset, flags)?;
+        // SAFETY: the filter's sink is valid for the duration of the call.
+        let sink = unsafe { &*sink };
+        let mut pos = offset;
+        for (len, f) in extents {
+            // SAFETY: calling the filter's own sink with its own ctx.
+            let rc = unsafe { (sink.add)(sink.ctx, pos, len, f) };
+            if rc != 0 {
+                return Err(PluginError { errno: rc.max(1), message: "extent refused by the filter".into() });
+            }
+            pos += len;
+        }
+        Ok(())
+    })
 }
 
 fn absent(what: &str, errno: i32) -> PluginError {

@@ -108,8 +108,7 @@ fn run(cli: Cli) -> Result<(), String> {
         return Err(format!("{}: no exports defined (add a *.toml snippet)", exports_dir.display()));
     }
     for e in exports.iter() {
-        let layers: Vec<&str> = e.spec.stack.iter().map(|l| l.name.as_str()).collect();
-        log::info!("export `{}`: {} ({})", e.name, layers.join(" > "), e.spec.source.display());
+        log::info!("export `{}`: {} ({})", e.name, e.describe(), e.spec.source.display());
     }
     if cli.check {
         println!("configuration OK: {} export(s) from {}", exports.len(), exports_dir.display());

@@ -7,7 +7,7 @@
 //! type, so their calls get the same checks.
 
 use crate::error::{NbdErrno, OpError};
-use crate::loader::{PluginError, PluginHandle};
+use crate::loader::{NextTable, NextTarget, PluginError, PluginHandle, Provided};
 use nbdhost_plugin_api::abi::{self, BlockSize};
 use nbdhost_plugin_api::ThreadModel;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -62,40 +62,41 @@ fn yes(v: Option<u32>, default: bool) -> bool {
 }
 
 impl Capabilities {
-    /// Query a plugin handle and clamp its answers to its callbacks.
-    pub fn query(h: &PluginHandle) -> Result<Capabilities, PluginError> {
+    /// Query a layer and clamp its answers to what it can do.
+    pub fn query(h: &dyn Layer) -> Result<Capabilities, PluginError> {
         let p = h.provided();
         let size = h.get_size()?;
-        let writable = p.pwrite && yes(h.can_write()?, true);
-        let flush = p.flush && yes(h.can_flush()?, true);
+        let writable = p.pwrite && yes(h.can(abi::CAN_WRITE)?, true);
+        let flush = p.flush && yes(h.can(abi::CAN_FLUSH)?, true);
         let fua = if !writable {
             Support::None
         } else {
-            match h.can_fua()?.unwrap_or(if flush { abi::SUPPORT_EMULATE } else { abi::SUPPORT_NONE }) {
+            match h.can(abi::CAN_FUA)?.unwrap_or(if flush { abi::SUPPORT_EMULATE } else { abi::SUPPORT_NONE }) {
                 abi::SUPPORT_NATIVE => Support::Native,
                 abi::SUPPORT_EMULATE if flush => Support::Emulated,
                 _ => Support::None,
             }
         };
-        let trim = writable && p.trim && yes(h.can_trim()?, true);
+        let trim = writable && p.trim && yes(h.can(abi::CAN_TRIM)?, true);
         let zero = if !writable {
             Support::None
-        } else if p.zero && yes(h.can_zero()?, true) {
+        } else if p.zero && yes(h.can(abi::CAN_ZERO)?, true) {
             Support::Native
         } else {
             Support::Emulated
         };
-        let fast_zero = zero == Support::Native && yes(h.can_fast_zero()?, true);
-        let extents = p.extents && yes(h.can_extents()?, true);
-        let cache = match h.can_cache()?.unwrap_or(if p.cache { abi::SUPPORT_NATIVE } else { abi::SUPPORT_NONE }) {
-            abi::SUPPORT_NATIVE if p.cache => Support::Native,
-            abi::SUPPORT_NATIVE | abi::SUPPORT_EMULATE => Support::Emulated,
-            _ => Support::None,
-        };
+        let fast_zero = zero == Support::Native && yes(h.can(abi::CAN_FAST_ZERO)?, true);
+        let extents = p.extents && yes(h.can(abi::CAN_EXTENTS)?, true);
+        let cache =
+            match h.can(abi::CAN_CACHE)?.unwrap_or(if p.cache { abi::SUPPORT_NATIVE } else { abi::SUPPORT_NONE }) {
+                abi::SUPPORT_NATIVE if p.cache => Support::Native,
+                abi::SUPPORT_NATIVE | abi::SUPPORT_EMULATE => Support::Emulated,
+                _ => Support::None,
+            };
         let declared = h.block_size()?;
         let block_size = normalise_block_size(declared).map_err(|m| PluginError {
             errno: libc::EINVAL,
-            message: format!("plugin {} declares invalid block sizes: {m}", h.plugin().name),
+            message: format!("{} declares invalid block sizes: {m}", h.name()),
         })?;
         Ok(Capabilities {
             size,
@@ -105,12 +106,298 @@ impl Capabilities {
             trim,
             zero,
             fast_zero,
-            multi_conn: yes(h.can_multi_conn()?, false),
+            multi_conn: yes(h.can(abi::CAN_MULTI_CONN)?, false),
             extents,
             cache,
-            rotational: yes(h.is_rotational()?, false),
+            rotational: yes(h.can(abi::CAN_ROTATIONAL)?, false),
             block_size,
         })
+    }
+}
+
+/// One layer of a pipeline as the choke point sees it: raw operations
+/// with plugin semantics (POSIX errnos, ABI flags). Implemented by a
+/// backend's handle and by [`FilterLayer`].
+pub trait Layer: Send + Sync {
+    /// Name for messages (`memory`, `cow`).
+    fn name(&self) -> &str;
+    /// Which operations can be called.
+    fn provided(&self) -> Provided;
+    /// Size.
+    fn get_size(&self) -> Result<u64, PluginError>;
+    /// Declared block sizes.
+    fn block_size(&self) -> Result<Option<BlockSize>, PluginError>;
+    /// Capability query (`abi::CAN_*`); `None`: no answer, use the default.
+    fn can(&self, which: u32) -> Result<Option<u32>, PluginError>;
+    /// Read.
+    fn pread(&self, buf: &mut [u8], offset: u64, flags: u32) -> Result<(), PluginError>;
+    /// Write.
+    fn pwrite(&self, buf: &[u8], offset: u64, flags: u32) -> Result<(), PluginError>;
+    /// Flush.
+    fn flush(&self, flags: u32) -> Result<(), PluginError>;
+    /// Trim.
+    fn trim(&self, count: u64, offset: u64, flags: u32) -> Result<(), PluginError>;
+    /// Zero.
+    fn zero(&self, count: u64, offset: u64, flags: u32) -> Result<(), PluginError>;
+    /// Cache.
+    fn cache(&self, count: u64, offset: u64, flags: u32) -> Result<(), PluginError>;
+    /// Extents, reported through `add(offset, length, flags)`.
+    fn extents(
+        &self,
+        count: u64,
+        offset: u64,
+        flags: u32,
+        add: &mut dyn FnMut(u64, u64, u32) -> Result<(), i32>,
+    ) -> Result<(), PluginError>;
+}
+
+impl Layer for PluginHandle {
+    fn name(&self) -> &str {
+        &self.plugin().name
+    }
+    fn provided(&self) -> Provided {
+        PluginHandle::provided(self)
+    }
+    fn get_size(&self) -> Result<u64, PluginError> {
+        PluginHandle::get_size(self)
+    }
+    fn block_size(&self) -> Result<Option<BlockSize>, PluginError> {
+        PluginHandle::block_size(self)
+    }
+    fn can(&self, which: u32) -> Result<Option<u32>, PluginError> {
+        PluginHandle::can(self, which)
+    }
+    fn pread(&self, buf: &mut [u8], offset: u64, flags: u32) -> Result<(), PluginError> {
+        PluginHandle::pread(self, buf, offset, flags)
+    }
+    fn pwrite(&self, buf: &[u8], offset: u64, flags: u32) -> Result<(), PluginError> {
+        PluginHandle::pwrite(self, buf, offset, flags)
+    }
+    fn flush(&self, flags: u32) -> Result<(), PluginError> {
+        PluginHandle::flush(self, flags)
+    }
+    fn trim(&self, count: u64, offset: u64, flags: u32) -> Result<(), PluginError> {
+        PluginHandle::trim(self, count, offset, flags)
+    }
+    fn zero(&self, count: u64, offset: u64, flags: u32) -> Result<(), PluginError> {
+        PluginHandle::zero(self, count, offset, flags)
+    }
+    fn cache(&self, count: u64, offset: u64, flags: u32) -> Result<(), PluginError> {
+        PluginHandle::cache(self, count, offset, flags)
+    }
+    fn extents(
+        &self,
+        count: u64,
+        offset: u64,
+        flags: u32,
+        add: &mut dyn FnMut(u64, u64, u32) -> Result<(), i32>,
+    ) -> Result<(), PluginError> {
+        PluginHandle::extents(self, count, offset, flags, add)
+    }
+}
+
+/// A filter's handle over the checked layers below it. An operation the
+/// filter does not provide goes straight to its only child (through that
+/// child's checks).
+pub struct FilterLayer {
+    // Field order is drop order: the filter is closed before the tables
+    // and layers it points into go away.
+    handle: PluginHandle,
+    _nexts: Vec<NextTable>,
+    children: Vec<Arc<CheckedLayer>>,
+    own: Provided,
+}
+
+impl FilterLayer {
+    /// Open `filter` over `children` (already opened and checked).
+    pub fn open(
+        instance: &Arc<crate::loader::PluginInstance>,
+        req: &crate::loader::OpenRequest<'_>,
+        children: Vec<Arc<CheckedLayer>>,
+    ) -> Result<FilterLayer, PluginError> {
+        let nexts: Vec<NextTable> = children.iter().map(|c| NextTable::new(c.clone() as Arc<dyn NextTarget>)).collect();
+        let handle = instance.open_filter(req, &nexts)?;
+        let own = handle.provided();
+        Ok(FilterLayer { handle, _nexts: nexts, children, own })
+    }
+
+    /// The child calls pass through to, if there is exactly one.
+    fn through(&self) -> Option<&CheckedLayer> {
+        match self.children.as_slice() {
+            [only] => Some(only),
+            _ => None,
+        }
+    }
+
+    fn missing(&self, what: &str) -> PluginError {
+        PluginError { errno: libc::EINVAL, message: format!("{}: no {what} operation", self.handle.plugin().name) }
+    }
+}
+
+fn below(e: OpError) -> PluginError {
+    PluginError { errno: e.errno.to_posix(), message: e.message }
+}
+
+impl Layer for FilterLayer {
+    fn name(&self) -> &str {
+        &self.handle.plugin().name
+    }
+    fn provided(&self) -> Provided {
+        let mut p = self.own;
+        if let Some(c) = self.through() {
+            let caps = c.caps();
+            p.get_size = true;
+            p.block_size = true;
+            p.pread = true;
+            p.pwrite |= !c.readonly();
+            p.flush |= caps.flush;
+            p.trim |= caps.trim;
+            p.zero |= !c.readonly();
+            p.extents |= caps.extents;
+            p.cache |= caps.cache != Support::None;
+        }
+        p
+    }
+    fn get_size(&self) -> Result<u64, PluginError> {
+        match self.through() {
+            Some(c) if !self.own.get_size => Ok(c.caps().size),
+            _ => self.handle.get_size(),
+        }
+    }
+    fn block_size(&self) -> Result<Option<BlockSize>, PluginError> {
+        match self.through() {
+            Some(c) if !self.own.block_size => Ok(Some(c.caps().block_size)),
+            _ => self.handle.block_size(),
+        }
+    }
+    fn can(&self, which: u32) -> Result<Option<u32>, PluginError> {
+        match (self.handle.can(which)?, self.through()) {
+            (Some(v), _) => Ok(Some(v)),
+            (None, Some(c)) => c.can(which).map(Some),
+            (None, None) => Ok(None),
+        }
+    }
+    fn pread(&self, buf: &mut [u8], offset: u64, flags: u32) -> Result<(), PluginError> {
+        match self.through() {
+            Some(c) if !self.own.pread => c.read(buf, offset).map_err(below),
+            _ => self.handle.pread(buf, offset, flags),
+        }
+    }
+    fn pwrite(&self, buf: &[u8], offset: u64, flags: u32) -> Result<(), PluginError> {
+        match self.through() {
+            Some(c) if !self.own.pwrite => c.write(buf, offset, flags & abi::FLAG_FUA != 0).map_err(below),
+            _ => self.handle.pwrite(buf, offset, flags),
+        }
+    }
+    fn flush(&self, flags: u32) -> Result<(), PluginError> {
+        match self.through() {
+            Some(c) if !self.own.flush => c.flush().map_err(below),
+            _ => self.handle.flush(flags),
+        }
+    }
+    fn trim(&self, count: u64, offset: u64, flags: u32) -> Result<(), PluginError> {
+        match self.through() {
+            Some(c) if !self.own.trim => c.trim(count, offset, flags & abi::FLAG_FUA != 0).map_err(below),
+            _ => self.handle.trim(count, offset, flags),
+        }
+    }
+    fn zero(&self, count: u64, offset: u64, flags: u32) -> Result<(), PluginError> {
+        match self.through() {
+            Some(c) if !self.own.zero => NextTarget::zero(c, count, offset, flags),
+            _ => self.handle.zero(count, offset, flags),
+        }
+    }
+    fn cache(&self, count: u64, offset: u64, flags: u32) -> Result<(), PluginError> {
+        match self.through() {
+            Some(c) if !self.own.cache => c.cache(count, offset).map_err(below),
+            _ if self.own.cache => self.handle.cache(count, offset, flags),
+            _ => Err(self.missing("cache")),
+        }
+    }
+    fn extents(
+        &self,
+        count: u64,
+        offset: u64,
+        flags: u32,
+        add: &mut dyn FnMut(u64, u64, u32) -> Result<(), i32>,
+    ) -> Result<(), PluginError> {
+        match self.through() {
+            Some(c) if !self.own.extents => {
+                let mut pos = offset;
+                for e in c.extents(count, offset, flags & abi::FLAG_REQ_ONE != 0).map_err(below)? {
+                    add(pos, e.length, e.flags)
+                        .map_err(|errno| PluginError { errno, message: "extent refused".into() })?;
+                    pos += e.length;
+                }
+                Ok(())
+            }
+            _ => self.handle.extents(count, offset, flags, add),
+        }
+    }
+}
+
+/// The checked layer seen from a filter above it.
+impl NextTarget for CheckedLayer {
+    fn get_size(&self) -> Result<u64, PluginError> {
+        Ok(self.caps.size)
+    }
+    fn block_size(&self) -> Result<BlockSize, PluginError> {
+        Ok(self.caps.block_size)
+    }
+    fn can(&self, which: u32) -> Result<u32, PluginError> {
+        let c = &self.caps;
+        let w = !self.readonly;
+        // What the filter can count on when it calls us: our checks emulate
+        // FUA, zeroing and caching, so those are "native" from above.
+        Ok(match which {
+            abi::CAN_WRITE => w as u32,
+            abi::CAN_FLUSH => c.flush as u32,
+            abi::CAN_ROTATIONAL => c.rotational as u32,
+            abi::CAN_TRIM => (w && c.trim) as u32,
+            abi::CAN_ZERO => w as u32,
+            abi::CAN_FAST_ZERO => (w && c.fast_zero) as u32,
+            abi::CAN_FUA => {
+                if w && c.fua != Support::None {
+                    abi::SUPPORT_NATIVE
+                } else {
+                    abi::SUPPORT_NONE
+                }
+            }
+            abi::CAN_MULTI_CONN => c.multi_conn as u32,
+            abi::CAN_EXTENTS => c.extents as u32,
+            abi::CAN_CACHE => {
+                if c.cache != Support::None {
+                    abi::SUPPORT_NATIVE
+                } else {
+                    abi::SUPPORT_NONE
+                }
+            }
+            other => return Err(PluginError { errno: libc::EINVAL, message: format!("unknown capability {other}") }),
+        })
+    }
+    fn pread(&self, buf: &mut [u8], offset: u64, _flags: u32) -> Result<(), PluginError> {
+        self.read(buf, offset).map_err(below)
+    }
+    fn pwrite(&self, buf: &[u8], offset: u64, flags: u32) -> Result<(), PluginError> {
+        self.write(buf, offset, flags & abi::FLAG_FUA != 0).map_err(below)
+    }
+    fn flush(&self, _flags: u32) -> Result<(), PluginError> {
+        CheckedLayer::flush(self).map_err(below)
+    }
+    fn trim(&self, count: u64, offset: u64, flags: u32) -> Result<(), PluginError> {
+        CheckedLayer::trim(self, count, offset, flags & abi::FLAG_FUA != 0).map_err(below)
+    }
+    fn zero(&self, count: u64, offset: u64, flags: u32) -> Result<(), PluginError> {
+        let may_trim = flags & abi::FLAG_MAY_TRIM != 0;
+        let fast = flags & abi::FLAG_FAST_ZERO != 0;
+        CheckedLayer::zero(self, count, offset, may_trim, fast, flags & abi::FLAG_FUA != 0).map_err(below)
+    }
+    fn extents(&self, count: u64, offset: u64, flags: u32) -> Result<Vec<(u64, u32)>, PluginError> {
+        let v = CheckedLayer::extents(self, count, offset, flags & abi::FLAG_REQ_ONE != 0).map_err(below)?;
+        Ok(v.into_iter().map(|e| (e.length, e.flags)).collect())
+    }
+    fn cache(&self, count: u64, offset: u64, _flags: u32) -> Result<(), PluginError> {
+        CheckedLayer::cache(self, count, offset).map_err(below)
     }
 }
 
@@ -174,7 +461,7 @@ pub fn request_lock_for(model: ThreadModel, export_lock: &RequestLock) -> Reques
 
 /// A connection's view of a layer, with every check applied.
 pub struct CheckedLayer {
-    inner: PluginHandle,
+    inner: Box<dyn Layer>,
     caps: Capabilities,
     readonly: bool,
     lock: RequestLock,
@@ -185,9 +472,9 @@ pub struct CheckedLayer {
 static ZEROS: [u8; 1 << 20] = [0u8; 1 << 20];
 
 impl CheckedLayer {
-    /// Wrap an opened handle: capabilities are queried here, once.
-    pub fn new(inner: PluginHandle, readonly: bool, lock: RequestLock, name: &str) -> Result<Self, OpError> {
-        let caps = Capabilities::query(&inner)?;
+    /// Wrap an opened layer: capabilities are queried here, once.
+    pub fn new(inner: Box<dyn Layer>, readonly: bool, lock: RequestLock, name: &str) -> Result<Self, OpError> {
+        let caps = Capabilities::query(&*inner)?;
         let readonly = readonly || !caps.writable;
         Ok(CheckedLayer { inner, caps, readonly, lock, name: name.to_string() })
     }

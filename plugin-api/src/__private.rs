@@ -8,6 +8,8 @@ use std::marker::PhantomData;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::OnceLock;
 
+pub use crate::filter::filter_entry;
+
 /// Copy the first `declared` bytes of a peer's table into a zeroed `T`:
 /// fields the peer did not have read as zero / `None`.
 ///
@@ -101,11 +103,13 @@ pub mod probes {
 
 /// Run `f`, turning an `Err` into its errno (with the message handed to the
 /// host) and a panic into `EIO`. Nothing unwinds past this point.
-fn guard(what: &str, f: impl FnOnce() -> crate::Result<()>) -> i32 {
+pub(crate) fn guard(what: &str, f: impl FnOnce() -> crate::Result<()>) -> i32 {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => 0,
         Ok(Err(e)) => {
-            crate::host::set_error(&e.message);
+            if !e.from_below {
+                crate::host::set_error(&e.message);
+            }
             e.errno.max(1)
         }
         Err(panic) => {
@@ -129,17 +133,48 @@ unsafe fn handle<'a, B: Backend>(h: Handle) -> &'a B::Handle {
     unsafe { &*(h as *const B::Handle) }
 }
 
+/// Turn a C parameter array into [`Params`].
+///
+/// # Safety
+/// `params` must point to `n` valid pairs of NUL-terminated strings.
+pub(crate) unsafe fn params_from_raw(params: *const Param, n: usize) -> Params {
+    let mut pairs = Vec::with_capacity(n);
+    for i in 0..n {
+        // SAFETY: per the contract, `n` valid pairs.
+        let p = unsafe { &*params.add(i) };
+        // SAFETY: as above.
+        let (k, v) = unsafe { (CStr::from_ptr(p.key), CStr::from_ptr(p.value)) };
+        pairs.push((k.to_string_lossy().into_owned(), v.to_string_lossy().into_owned()));
+    }
+    Params::from_pairs(pairs)
+}
+
+/// Turn the host's [`OpenInfo`] into an [`OpenContext`].
+///
+/// # Safety
+/// `info` must be valid for reads of its declared size.
+pub(crate) unsafe fn open_context(info: *const OpenInfo) -> OpenContext {
+    // SAFETY: fields past the host's declared size read as zero.
+    let info = unsafe { copy_prefix(info, (*info).struct_size) };
+    let text = |p: *const u8, len: usize| {
+        if p.is_null() {
+            String::new()
+        } else {
+            // SAFETY: host passes `len` readable bytes at `p`.
+            String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(p, len) }).into_owned()
+        }
+    };
+    OpenContext {
+        readonly: info.readonly != 0,
+        export_name: text(info.export_name, info.export_name_len),
+        peer: text(info.peer, info.peer_len),
+    }
+}
+
 unsafe extern "C" fn shim_create<B: Backend>(params: *const Param, n: usize, out: *mut Instance) -> i32 {
     guard("create", || {
-        let mut pairs = Vec::with_capacity(n);
-        for i in 0..n {
-            // SAFETY: the host passes `n` valid pairs of NUL-terminated strings.
-            let p = unsafe { &*params.add(i) };
-            // SAFETY: as above.
-            let (k, v) = unsafe { (CStr::from_ptr(p.key), CStr::from_ptr(p.value)) };
-            pairs.push((k.to_string_lossy().into_owned(), v.to_string_lossy().into_owned()));
-        }
-        let inst = B::create(&Params::from_pairs(pairs))?;
+        // SAFETY: the host passes `n` valid pairs.
+        let inst = B::create(&unsafe { params_from_raw(params, n) })?;
         // SAFETY: `out` is a valid out-pointer from the host.
         unsafe { *out = Box::into_raw(Box::new(inst)) as Instance };
         Ok(())
@@ -157,22 +192,8 @@ unsafe extern "C" fn shim_destroy<B: Backend>(inst: Instance) {
 unsafe extern "C" fn shim_open<B: Backend>(inst: Instance, info: *const OpenInfo, out: *mut Handle) -> i32 {
     guard("open", || {
         // SAFETY: `inst` is live (the host destroys it only after every
-        // handle is closed) and `info` is valid for this call; fields past
-        // the host's declared size read as zero.
-        let (b, info) = unsafe { (&*(inst as *const B), copy_prefix(info, (*info).struct_size)) };
-        let text = |p: *const u8, len: usize| {
-            if p.is_null() {
-                String::new()
-            } else {
-                // SAFETY: host passes `len` readable bytes at `p`.
-                String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(p, len) }).into_owned()
-            }
-        };
-        let ctx = OpenContext {
-            readonly: info.readonly != 0,
-            export_name: text(info.export_name, info.export_name_len),
-            peer: text(info.peer, info.peer_len),
-        };
+        // handle is closed) and `info` is valid for this call.
+        let (b, ctx) = unsafe { (&*(inst as *const B), open_context(info)) };
         let h = b.open(&ctx)?;
         // SAFETY: `out` is a valid out-pointer from the host.
         unsafe { *out = Box::into_raw(Box::new(h)) as Handle };

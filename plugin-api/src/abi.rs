@@ -48,12 +48,15 @@ pub const ENTRY_POINT_CSTR: &[u8] = b"nbdhost_plugin_entry\0";
 
 /// The entry point's type. `host` stays valid for as long as the plugin is
 /// loaded; the returned table must also stay valid (normally a `static`).
-/// Returning NULL refuses the load.
+/// Returning NULL refuses the load. The table is a [`PluginTable`] or a
+/// [`FilterTable`]; both begin with the same header (major, minor, size,
+/// kind), and `kind` says which it is.
 pub type EntryPoint = unsafe extern "C" fn(host: *const HostApi) -> *const PluginTable;
 
 /// What a table describes.
 pub const PLUGIN_KIND_BACKEND: u32 = 1;
-/// Reserved for the filter table (a layer with a `next` handle below it).
+/// A filter: a layer with one or more layers below it, reached through
+/// [`NextOps`] tables. Its entry point returns a [`FilterTable`].
 pub const PLUGIN_KIND_FILTER: u32 = 2;
 
 /// Thread models, from most to least restrictive. The host serialises calls
@@ -284,12 +287,171 @@ pub struct PluginTable {
     pub cache: Option<unsafe extern "C" fn(h: Handle, count: u64, offset: u64, flags: u32) -> i32>,
 }
 
+/// The layer below a filter, as the host offers it. Every call goes through
+/// the host's checks for that layer (ranges, flags, capability emulation),
+/// so a filter cannot corrupt the layer below by mistake. Valid from the
+/// filter's `open` until its `close` returns. Callbacks follow the same
+/// conventions as plugin callbacks (0 or an errno; on failure the host has
+/// recorded a message, so returning the errno unchanged passes it on).
+#[repr(C)]
+pub struct NextOps {
+    /// `size_of::<NextOps>()` as the host compiled it.
+    pub struct_size: u32,
+    /// Opaque; pass back to every callback.
+    pub ctx: *mut c_void,
+    /// Size of the layer below.
+    pub get_size: unsafe extern "C" fn(ctx: *mut c_void, out: *mut u64) -> i32,
+    /// Its block-size constraints (defaults filled in).
+    pub block_size: unsafe extern "C" fn(ctx: *mut c_void, out: *mut BlockSize) -> i32,
+    /// Capability query: `which` is one of the `CAN_*` constants; writes the
+    /// same kind of answer the plugin callback of that name gives.
+    pub can: unsafe extern "C" fn(ctx: *mut c_void, which: u32, out: *mut u32) -> i32,
+    /// Read.
+    pub pread: unsafe extern "C" fn(ctx: *mut c_void, buf: *mut u8, count: u64, offset: u64, flags: u32) -> i32,
+    /// Write (flags: [`FLAG_FUA`]).
+    pub pwrite: unsafe extern "C" fn(ctx: *mut c_void, buf: *const u8, count: u64, offset: u64, flags: u32) -> i32,
+    /// Flush.
+    pub flush: unsafe extern "C" fn(ctx: *mut c_void, flags: u32) -> i32,
+    /// Trim (flags: [`FLAG_FUA`]).
+    pub trim: unsafe extern "C" fn(ctx: *mut c_void, count: u64, offset: u64, flags: u32) -> i32,
+    /// Zero (flags: [`FLAG_FUA`], [`FLAG_MAY_TRIM`], [`FLAG_FAST_ZERO`]).
+    pub zero: unsafe extern "C" fn(ctx: *mut c_void, count: u64, offset: u64, flags: u32) -> i32,
+    /// Extents (flags: [`FLAG_REQ_ONE`]).
+    pub extents:
+        unsafe extern "C" fn(ctx: *mut c_void, count: u64, offset: u64, flags: u32, sink: *mut ExtentSink) -> i32,
+    /// Cache.
+    pub cache: unsafe extern "C" fn(ctx: *mut c_void, count: u64, offset: u64, flags: u32) -> i32,
+}
+
+/// `which` values for [`NextOps::can`], named after the plugin callbacks.
+pub const CAN_WRITE: u32 = 1;
+/// See [`CAN_WRITE`].
+pub const CAN_FLUSH: u32 = 2;
+/// See [`CAN_WRITE`].
+pub const CAN_ROTATIONAL: u32 = 3;
+/// See [`CAN_WRITE`].
+pub const CAN_TRIM: u32 = 4;
+/// See [`CAN_WRITE`]. Answers 1 only for native zeroing (the host
+/// emulates zeroing with writes otherwise).
+pub const CAN_ZERO: u32 = 5;
+/// See [`CAN_WRITE`].
+pub const CAN_FAST_ZERO: u32 = 6;
+/// See [`CAN_WRITE`]; answers a `SUPPORT_*` value.
+pub const CAN_FUA: u32 = 7;
+/// See [`CAN_WRITE`].
+pub const CAN_MULTI_CONN: u32 = 8;
+/// See [`CAN_WRITE`].
+pub const CAN_EXTENTS: u32 = 9;
+/// See [`CAN_WRITE`]; answers a `SUPPORT_*` value.
+pub const CAN_CACHE: u32 = 10;
+
+/// The table a filter's entry point returns (ABI 1.0 layout). Callbacks
+/// have the backend signatures; a filter reaches the layers below through
+/// the [`NextOps`] it was given in `open` (and keeps them in its handle).
+/// A callback the filter lacks passes the call through to its only child
+/// (a filter with several children must implement what it supports).
+#[repr(C)]
+pub struct FilterTable {
+    /// Plugin's [`ABI_MAJOR`].
+    pub abi_major: u16,
+    /// Plugin's [`ABI_MINOR`].
+    pub abi_minor: u16,
+    /// `size_of::<FilterTable>()` as the plugin compiled it.
+    pub struct_size: u32,
+    /// [`PLUGIN_KIND_FILTER`].
+    pub kind: u32,
+    /// One of the `THREAD_MODEL_*` constants (a filter may only make a
+    /// pipeline's model more restrictive: the most restrictive layer wins).
+    pub thread_model: u32,
+    /// Short name (`cow`).
+    pub name: *const c_char,
+    /// Version string.
+    pub version: *const c_char,
+    /// One-line description.
+    pub description: *const c_char,
+    /// Declared parameters.
+    pub params: *const ParamSpec,
+    /// Number of entries in `params`.
+    pub n_params: usize,
+    /// Fewest layers below (1 for an ordinary filter).
+    pub min_children: u32,
+    /// Most layers below (1 for an ordinary filter; `u32::MAX`: no limit).
+    pub max_children: u32,
+    /// Non-zero: the layers below are opened read-only whatever the export
+    /// says (copy-on-write never writes below itself).
+    pub child_readonly: u32,
+
+    /// Create the per-export state.
+    pub create: Option<unsafe extern "C" fn(params: *const Param, n: usize, out: *mut Instance) -> i32>,
+    /// Destroy it.
+    pub destroy: Option<unsafe extern "C" fn(inst: Instance)>,
+    /// Open a per-connection handle over `n` children (in snippet order).
+    pub open: Option<
+        unsafe extern "C" fn(
+            inst: Instance,
+            info: *const OpenInfo,
+            children: *const *const NextOps,
+            n: usize,
+            out: *mut Handle,
+        ) -> i32,
+    >,
+    /// Close a handle (the children stay valid until this returns).
+    pub close: Option<unsafe extern "C" fn(h: Handle)>,
+
+    /// As [`PluginTable::get_size`].
+    pub get_size: Option<unsafe extern "C" fn(h: Handle, out: *mut u64) -> i32>,
+    /// As [`PluginTable::block_size`].
+    pub block_size: Option<unsafe extern "C" fn(h: Handle, out: *mut BlockSize) -> i32>,
+    /// As [`PluginTable::can_write`].
+    pub can_write: Option<CanFn>,
+    /// As [`PluginTable::can_flush`].
+    pub can_flush: Option<CanFn>,
+    /// As [`PluginTable::is_rotational`].
+    pub is_rotational: Option<CanFn>,
+    /// As [`PluginTable::can_trim`].
+    pub can_trim: Option<CanFn>,
+    /// As [`PluginTable::can_zero`].
+    pub can_zero: Option<CanFn>,
+    /// As [`PluginTable::can_fast_zero`].
+    pub can_fast_zero: Option<CanFn>,
+    /// As [`PluginTable::can_fua`].
+    pub can_fua: Option<CanFn>,
+    /// As [`PluginTable::can_multi_conn`].
+    pub can_multi_conn: Option<CanFn>,
+    /// As [`PluginTable::can_extents`].
+    pub can_extents: Option<CanFn>,
+    /// As [`PluginTable::can_cache`].
+    pub can_cache: Option<CanFn>,
+    /// As [`PluginTable::pread`].
+    pub pread: Option<unsafe extern "C" fn(h: Handle, buf: *mut u8, count: u64, offset: u64, flags: u32) -> i32>,
+    /// As [`PluginTable::pwrite`].
+    pub pwrite: Option<unsafe extern "C" fn(h: Handle, buf: *const u8, count: u64, offset: u64, flags: u32) -> i32>,
+    /// As [`PluginTable::flush`].
+    pub flush: Option<unsafe extern "C" fn(h: Handle, flags: u32) -> i32>,
+    /// As [`PluginTable::trim`].
+    pub trim: Option<unsafe extern "C" fn(h: Handle, count: u64, offset: u64, flags: u32) -> i32>,
+    /// As [`PluginTable::zero`].
+    pub zero: Option<unsafe extern "C" fn(h: Handle, count: u64, offset: u64, flags: u32) -> i32>,
+    /// As [`PluginTable::extents`].
+    pub extents:
+        Option<unsafe extern "C" fn(h: Handle, count: u64, offset: u64, flags: u32, sink: *mut ExtentSink) -> i32>,
+    /// As [`PluginTable::cache`].
+    pub cache: Option<unsafe extern "C" fn(h: Handle, count: u64, offset: u64, flags: u32) -> i32>,
+}
+
 // SAFETY: the tables hold only pointers to immutable, 'static data (strings,
 // parameter arrays) and function pointers, so sharing them between threads
 // is sound.
 unsafe impl Sync for PluginTable {}
 // SAFETY: as above.
 unsafe impl Sync for ParamSpec {}
+// SAFETY: as above.
+unsafe impl Sync for FilterTable {}
+// SAFETY: `ctx` belongs to the host, whose callbacks are thread-safe; the
+// pipeline's thread model decides how they may be called concurrently.
+unsafe impl Send for NextOps {}
+// SAFETY: as above.
+unsafe impl Sync for NextOps {}
 // SAFETY: `ctx` is only ever passed back to the host's own thread-safe
 // callbacks.
 unsafe impl Send for HostApi {}

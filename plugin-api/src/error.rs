@@ -9,6 +9,9 @@ pub struct Error {
     pub errno: i32,
     /// Human-readable reason.
     pub message: String,
+    /// The error came from the layer below a filter and the host already
+    /// holds its message: returning it unchanged keeps that message.
+    pub(crate) from_below: bool,
 }
 
 /// Result type of plugin operations.
@@ -18,7 +21,7 @@ impl Error {
     /// An error with an explicit errno.
     pub fn new(errno: i32, message: impl Into<String>) -> Self {
         let errno = if errno > 0 { errno } else { libc::EIO };
-        Error { errno, message: message.into() }
+        Error { errno, message: message.into(), from_below: false }
     }
     /// `EIO`: an I/O failure.
     pub fn io(message: impl Into<String>) -> Self {
@@ -36,6 +39,12 @@ impl Error {
     /// the host fall back to writing zeros.
     pub fn unsupported(message: impl Into<String>) -> Self {
         Self::new(libc::ENOTSUP, message)
+    }
+    /// An error reported by the layer below a filter (see [`crate::Next`]).
+    pub(crate) fn below(errno: i32) -> Self {
+        let mut e = Self::new(errno, format!("the layer below failed: {}", std::io::Error::from_raw_os_error(errno)));
+        e.from_below = true;
+        e
     }
     /// Wrap an `std::io::Error`, keeping its errno, with context.
     pub fn from_io(context: impl fmt::Display, e: &std::io::Error) -> Self {

@@ -23,6 +23,7 @@
 
 pub mod abi;
 mod error;
+mod filter;
 pub mod host;
 /// Parameter declarations and value parsing shared by host and plugins.
 pub mod params;
@@ -32,6 +33,7 @@ mod traits;
 pub mod __private;
 
 pub use error::{Error, Result};
+pub use filter::{Filter, FilterConnection, Next};
 pub use params::{param, ParamKind, Params};
 pub use traits::{
     Backend, BlockSize, Cache, Connection, ExtentList, Extents, Flags, Flush, OpenContext, Pwrite, Support,
@@ -68,6 +70,28 @@ macro_rules! export_backend {
             // SAFETY: `host` comes from the nbdhost loader and lives as long
             // as this library stays loaded.
             unsafe { $crate::__private::entry::<$backend>(host, ops) }
+        }
+    };
+}
+
+/// Export a [`Filter`] implementation as an nbdhost filter plugin.
+///
+/// Expands to the `nbdhost_plugin_entry` symbol. Every callback is filled
+/// in; the [`FilterConnection`] defaults pass calls through to the layer
+/// below. Use it once per `cdylib`.
+#[macro_export]
+macro_rules! export_filter {
+    ($filter:ty) => {
+        /// The filter's entry point, called once by the host at load.
+        ///
+        /// # Safety
+        /// Called by the nbdhost loader with a valid host table.
+        #[no_mangle]
+        pub unsafe extern "C" fn nbdhost_plugin_entry(
+            host: *const $crate::abi::HostApi,
+        ) -> *const $crate::abi::PluginTable {
+            // SAFETY: `host` comes from the nbdhost loader.
+            unsafe { $crate::__private::filter_entry::<$filter>(host) }
         }
     };
 }

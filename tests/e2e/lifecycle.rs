@@ -165,7 +165,7 @@ fn a_handshake_that_stalls_is_timed_out() {
     let t = Instant::now();
     assert!(r.closed(), "stalled handshake not dropped");
     assert!(t.elapsed() < Duration::from_secs(5));
-    assert!(srv.log().contains("handshake not finished"), "{}", srv.log());
+    assert!(srv.wait_for_log("handshake not finished"), "{}", srv.log());
 }
 
 #[test]

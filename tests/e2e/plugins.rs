@@ -106,7 +106,7 @@ fn panicking_plugin_fails_one_request_and_the_server_keeps_serving() {
         &[&srv.uri("mem")],
     );
     assert!(String::from_utf8_lossy(&o.stdout).contains("OK"), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(srv.log().contains("plugin panicked in pread"), "panic not logged:\n{}", srv.log());
+    assert!(srv.wait_for_log("plugin panicked in pread"), "panic not logged:\n{}", srv.log());
 }
 
 #[test]

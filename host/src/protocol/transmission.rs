@@ -774,7 +774,10 @@ mod tests {
 
     fn extents() -> impl Strategy<Value = Vec<Extent>> {
         prop::collection::vec(
-            (1u64..20_000, prop_oneof![Just(0u32), Just(EXTENT_HOLE | EXTENT_ZERO), Just(EXTENT_ZERO), Just(EXTENT_HOLE)]),
+            (
+                1u64..20_000,
+                prop_oneof![Just(0u32), Just(EXTENT_HOLE | EXTENT_ZERO), Just(EXTENT_ZERO), Just(EXTENT_HOLE)],
+            ),
             0..12,
         )
         .prop_map(|v| v.into_iter().map(|(length, flags)| Extent { length, flags }).collect())
@@ -828,7 +831,11 @@ mod tests {
         let ext = [Extent { length: 4096, flags: EXTENT_ZERO | EXTENT_HOLE }, Extent { length: 4096, flags: 0 }];
         assert_eq!(read_segments(0, 8192, &ext), vec![(0, 4096, true), (4096, 4096, false)]);
         // A hole too small to align becomes data.
-        let ext = [Extent { length: 100, flags: 0 }, Extent { length: 300, flags: EXTENT_ZERO }, Extent { length: 100, flags: 0 }];
+        let ext = [
+            Extent { length: 100, flags: 0 },
+            Extent { length: 300, flags: EXTENT_ZERO },
+            Extent { length: 100, flags: 0 },
+        ];
         assert_eq!(read_segments(0, 500, &ext), vec![(0, 500, false)]);
     }
 }

@@ -1,0 +1,412 @@
+//! Filters: layers that sit above other layers and transform requests on
+//! the way down. Implement [`Filter`] for the per-export state and
+//! [`FilterConnection`] for the per-connection handle, then call
+//! [`crate::export_filter!`]. Every [`FilterConnection`] method has a default
+//! that passes the call to the layer below unchanged, so a filter overrides
+//! only what it changes.
+
+use crate::__private::{copy_prefix, guard, open_context, params_from_raw};
+use crate::abi::{self, BlockSize, ExtentSink, Handle, HostApi, Instance, NextOps, OpenInfo, Param};
+use crate::{Error, ExtentList, Flags, OpenContext, Params, Result, Support, ThreadModel};
+use std::ffi::CStr;
+use std::sync::OnceLock;
+
+/// A layer below a filter. Every call goes through the host's checks for
+/// that layer. Errors it returns keep the lower layer's message for the
+/// client when the filter returns them unchanged.
+pub struct Next {
+    ops: NextOps,
+}
+
+// SAFETY: NextOps is Send + Sync (host-owned, thread-safe callbacks).
+unsafe impl Send for Next {}
+// SAFETY: as above.
+unsafe impl Sync for Next {}
+
+fn rc(r: i32) -> Result<()> {
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(Error::below(r))
+    }
+}
+
+impl Next {
+    /// # Safety
+    /// `p` must be a `NextOps` given by the host to `open`, valid until the
+    /// handle is closed.
+    unsafe fn from_raw(p: *const NextOps) -> Next {
+        // SAFETY: per contract; fields past the host's size read as zero,
+        // but every NextOps field exists since ABI 1.0.
+        Next { ops: unsafe { copy_prefix(p, (*p).struct_size) } }
+    }
+
+    /// Size of the layer below.
+    pub fn get_size(&self) -> Result<u64> {
+        let mut out = 0;
+        // SAFETY: host callback with its own ctx and a valid out-pointer.
+        rc(unsafe { (self.ops.get_size)(self.ops.ctx, &mut out) })?;
+        Ok(out)
+    }
+    /// Block-size constraints of the layer below (defaults filled in).
+    pub fn block_size(&self) -> Result<BlockSize> {
+        let mut out = BlockSize::default();
+        // SAFETY: as above.
+        rc(unsafe { (self.ops.block_size)(self.ops.ctx, &mut out) })?;
+        Ok(out)
+    }
+    /// A capability of the layer below (`abi::CAN_*`).
+    pub fn can(&self, which: u32) -> Result<u32> {
+        let mut out = 0;
+        // SAFETY: as above.
+        rc(unsafe { (self.ops.can)(self.ops.ctx, which, &mut out) })?;
+        Ok(out)
+    }
+    fn can_bool(&self, which: u32) -> Result<bool> {
+        self.can(which).map(|v| v != 0)
+    }
+    fn can_support(&self, which: u32) -> Result<Support> {
+        Ok(match self.can(which)? {
+            abi::SUPPORT_NATIVE => Support::Native,
+            abi::SUPPORT_EMULATE => Support::Emulate,
+            _ => Support::None,
+        })
+    }
+    /// Read from the layer below.
+    pub fn pread(&self, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
+        // SAFETY: `buf` is writable for its length during the call.
+        rc(unsafe { (self.ops.pread)(self.ops.ctx, buf.as_mut_ptr(), buf.len() as u64, offset, flags.0) })
+    }
+    /// Write to the layer below.
+    pub fn pwrite(&self, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
+        // SAFETY: `buf` is readable for its length during the call.
+        rc(unsafe { (self.ops.pwrite)(self.ops.ctx, buf.as_ptr(), buf.len() as u64, offset, flags.0) })
+    }
+    /// Flush the layer below.
+    pub fn flush(&self, flags: Flags) -> Result<()> {
+        // SAFETY: host callback with its own ctx.
+        rc(unsafe { (self.ops.flush)(self.ops.ctx, flags.0) })
+    }
+    /// Trim in the layer below.
+    pub fn trim(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
+        // SAFETY: host callback with its own ctx.
+        rc(unsafe { (self.ops.trim)(self.ops.ctx, count, offset, flags.0) })
+    }
+    /// Zero in the layer below.
+    pub fn zero(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
+        // SAFETY: host callback with its own ctx.
+        rc(unsafe { (self.ops.zero)(self.ops.ctx, count, offset, flags.0) })
+    }
+    /// Extents of the layer below, reported into `out`.
+    pub fn extents(&self, count: u64, offset: u64, flags: Flags, out: &mut ExtentList<'_>) -> Result<()> {
+        let sink: *mut ExtentSink = out.sink;
+        // SAFETY: the sink is valid for the duration of the call.
+        rc(unsafe { (self.ops.extents)(self.ops.ctx, count, offset, flags.0, sink) })
+    }
+    /// Extents of the layer below, collected as `(offset, length, flags)`.
+    pub fn extents_vec(&self, count: u64, offset: u64, flags: Flags) -> Result<Vec<(u64, u64, u32)>> {
+        ExtentList::collect(|list| self.extents(count, offset, flags, list))
+    }
+    /// Cache in the layer below.
+    pub fn cache(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
+        // SAFETY: host callback with its own ctx.
+        rc(unsafe { (self.ops.cache)(self.ops.ctx, count, offset, flags.0) })
+    }
+}
+
+/// A filter: one value per export that uses it.
+pub trait Filter: Sized + Send + Sync + 'static {
+    /// Per-connection handle.
+    type Handle: FilterConnection;
+    /// Short name, e.g. `c"offset"`.
+    const NAME: &'static CStr;
+    /// Version.
+    const VERSION: &'static CStr;
+    /// One-line description.
+    const DESCRIPTION: &'static CStr;
+    /// Declared parameters.
+    const PARAMS: &'static [abi::ParamSpec];
+    /// Concurrency tolerated (a filter can only restrict its pipeline).
+    const THREAD_MODEL: ThreadModel = ThreadModel::Parallel;
+    /// Fewest layers below.
+    const MIN_CHILDREN: u32 = 1;
+    /// Most layers below.
+    const MAX_CHILDREN: u32 = 1;
+    /// Open the layers below read-only whatever the export says.
+    const CHILD_READONLY: bool = false;
+
+    /// Build the per-export state.
+    fn create(params: &Params) -> Result<Self>;
+    /// Open a handle for one connection over the layers below (one for an
+    /// ordinary filter).
+    fn open(&self, ctx: &OpenContext, children: Vec<Next>) -> Result<Self::Handle>;
+}
+
+/// A filter's per-connection handle. Every method defaults to passing the
+/// call to [`FilterConnection::next`] unchanged.
+#[allow(missing_docs)]
+pub trait FilterConnection: Send + Sync + 'static {
+    /// The layer calls pass through to by default.
+    fn next(&self) -> &Next;
+
+    fn get_size(&self) -> Result<u64> {
+        self.next().get_size()
+    }
+    fn block_size(&self) -> Result<Option<BlockSize>> {
+        self.next().block_size().map(Some)
+    }
+    fn can_write(&self) -> Result<bool> {
+        self.next().can_bool(abi::CAN_WRITE)
+    }
+    fn can_flush(&self) -> Result<bool> {
+        self.next().can_bool(abi::CAN_FLUSH)
+    }
+    fn is_rotational(&self) -> Result<bool> {
+        self.next().can_bool(abi::CAN_ROTATIONAL)
+    }
+    fn can_trim(&self) -> Result<bool> {
+        self.next().can_bool(abi::CAN_TRIM)
+    }
+    fn can_zero(&self) -> Result<bool> {
+        self.next().can_bool(abi::CAN_ZERO)
+    }
+    fn can_fast_zero(&self) -> Result<bool> {
+        self.next().can_bool(abi::CAN_FAST_ZERO)
+    }
+    fn can_fua(&self) -> Result<Support> {
+        self.next().can_support(abi::CAN_FUA)
+    }
+    fn can_multi_conn(&self) -> Result<bool> {
+        self.next().can_bool(abi::CAN_MULTI_CONN)
+    }
+    fn can_extents(&self) -> Result<bool> {
+        self.next().can_bool(abi::CAN_EXTENTS)
+    }
+    fn can_cache(&self) -> Result<Support> {
+        self.next().can_support(abi::CAN_CACHE)
+    }
+    fn pread(&self, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
+        self.next().pread(buf, offset, flags)
+    }
+    fn pwrite(&self, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
+        self.next().pwrite(buf, offset, flags)
+    }
+    fn flush(&self, flags: Flags) -> Result<()> {
+        self.next().flush(flags)
+    }
+    fn trim(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
+        self.next().trim(count, offset, flags)
+    }
+    fn zero(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
+        self.next().zero(count, offset, flags)
+    }
+    fn extents(&self, count: u64, offset: u64, flags: Flags, out: &mut ExtentList<'_>) -> Result<()> {
+        self.next().extents(count, offset, flags, out)
+    }
+    fn cache(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
+        self.next().cache(count, offset, flags)
+    }
+}
+
+// ------------------------------------------------------------------ shims
+
+/// # Safety
+/// `h` must be a live handle from `shim_open::<F>`.
+unsafe fn fh<'a, F: Filter>(h: Handle) -> &'a F::Handle {
+    // SAFETY: per contract.
+    unsafe { &*(h as *const F::Handle) }
+}
+
+unsafe extern "C" fn f_create<F: Filter>(params: *const Param, n: usize, out: *mut Instance) -> i32 {
+    guard("create", || {
+        // SAFETY: the host passes `n` valid pairs.
+        let inst = F::create(&unsafe { params_from_raw(params, n) })?;
+        // SAFETY: valid out-pointer.
+        unsafe { *out = Box::into_raw(Box::new(inst)) as Instance };
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn f_destroy<F: Filter>(inst: Instance) {
+    // SAFETY: `inst` came from `f_create::<F>` and is destroyed once.
+    guard("destroy", || {
+        drop(unsafe { Box::from_raw(inst as *mut F) });
+        Ok(())
+    });
+}
+
+unsafe extern "C" fn f_open<F: Filter>(
+    inst: Instance,
+    info: *const OpenInfo,
+    children: *const *const NextOps,
+    n: usize,
+    out: *mut Handle,
+) -> i32 {
+    guard("open", || {
+        // SAFETY: live instance; `info` and `n` child pointers valid for the
+        // call, the children until close.
+        let (f, ctx) = unsafe { (&*(inst as *const F), open_context(info)) };
+        // SAFETY: as above.
+        let nexts = (0..n).map(|i| unsafe { Next::from_raw(*children.add(i)) }).collect();
+        let h = f.open(&ctx, nexts)?;
+        // SAFETY: valid out-pointer.
+        unsafe { *out = Box::into_raw(Box::new(h)) as Handle };
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn f_close<F: Filter>(h: Handle) {
+    // SAFETY: handle from `f_open::<F>`, closed once.
+    guard("close", || {
+        drop(unsafe { Box::from_raw(h as *mut F::Handle) });
+        Ok(())
+    });
+}
+
+unsafe extern "C" fn f_get_size<F: Filter>(h: Handle, out: *mut u64) -> i32 {
+    // SAFETY: live handle, valid out-pointer.
+    guard("get_size", || unsafe {
+        *out = fh::<F>(h).get_size()?;
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn f_block_size<F: Filter>(h: Handle, out: *mut BlockSize) -> i32 {
+    // SAFETY: live handle, valid out-pointer.
+    guard("block_size", || unsafe {
+        *out = fh::<F>(h).block_size()?.unwrap_or_default();
+        Ok(())
+    })
+}
+
+macro_rules! f_can {
+    ($name:ident, $method:ident, $conv:expr) => {
+        unsafe extern "C" fn $name<F: Filter>(h: Handle, out: *mut u32) -> i32 {
+            // SAFETY: live handle, valid out-pointer.
+            guard(stringify!($method), || unsafe {
+                *out = ($conv)(fh::<F>(h).$method()?);
+                Ok(())
+            })
+        }
+    };
+}
+f_can!(f_can_write, can_write, |b: bool| b as u32);
+f_can!(f_can_flush, can_flush, |b: bool| b as u32);
+f_can!(f_is_rotational, is_rotational, |b: bool| b as u32);
+f_can!(f_can_trim, can_trim, |b: bool| b as u32);
+f_can!(f_can_zero, can_zero, |b: bool| b as u32);
+f_can!(f_can_fast_zero, can_fast_zero, |b: bool| b as u32);
+f_can!(f_can_fua, can_fua, |s: Support| s as u32);
+f_can!(f_can_multi_conn, can_multi_conn, |b: bool| b as u32);
+f_can!(f_can_extents, can_extents, |b: bool| b as u32);
+f_can!(f_can_cache, can_cache, |s: Support| s as u32);
+
+unsafe extern "C" fn f_pread<F: Filter>(h: Handle, buf: *mut u8, count: u64, offset: u64, flags: u32) -> i32 {
+    guard("pread", || {
+        // SAFETY: writable buffer of `count` bytes; live handle.
+        let buf = unsafe { std::slice::from_raw_parts_mut(buf, count as usize) };
+        unsafe { fh::<F>(h) }.pread(buf, offset, Flags(flags))
+    })
+}
+
+unsafe extern "C" fn f_pwrite<F: Filter>(h: Handle, buf: *const u8, count: u64, offset: u64, flags: u32) -> i32 {
+    guard("pwrite", || {
+        // SAFETY: readable buffer of `count` bytes; live handle.
+        let buf = unsafe { std::slice::from_raw_parts(buf, count as usize) };
+        unsafe { fh::<F>(h) }.pwrite(buf, offset, Flags(flags))
+    })
+}
+
+unsafe extern "C" fn f_flush<F: Filter>(h: Handle, flags: u32) -> i32 {
+    // SAFETY: live handle.
+    guard("flush", || unsafe { fh::<F>(h) }.flush(Flags(flags)))
+}
+
+unsafe extern "C" fn f_trim<F: Filter>(h: Handle, count: u64, offset: u64, flags: u32) -> i32 {
+    // SAFETY: live handle.
+    guard("trim", || unsafe { fh::<F>(h) }.trim(count, offset, Flags(flags)))
+}
+
+unsafe extern "C" fn f_zero<F: Filter>(h: Handle, count: u64, offset: u64, flags: u32) -> i32 {
+    // SAFETY: live handle.
+    guard("zero", || unsafe { fh::<F>(h) }.zero(count, offset, Flags(flags)))
+}
+
+unsafe extern "C" fn f_cache<F: Filter>(h: Handle, count: u64, offset: u64, flags: u32) -> i32 {
+    // SAFETY: live handle.
+    guard("cache", || unsafe { fh::<F>(h) }.cache(count, offset, Flags(flags)))
+}
+
+unsafe extern "C" fn f_extents<F: Filter>(
+    h: Handle,
+    count: u64,
+    offset: u64,
+    flags: u32,
+    sink: *mut ExtentSink,
+) -> i32 {
+    guard("extents", || {
+        // SAFETY: the host's sink is valid for the call; live handle.
+        let mut list = ExtentList { sink: unsafe { &mut *sink } };
+        unsafe { fh::<F>(h) }.extents(count, offset, Flags(flags), &mut list)
+    })
+}
+
+struct FilterCell(OnceLock<abi::FilterTable>);
+// SAFETY: the table holds 'static strings and function pointers only.
+unsafe impl Sync for FilterCell {}
+
+/// Build (once) and return the filter's table.
+///
+/// # Safety
+/// `host` must be the host's table, valid while the library is loaded.
+#[doc(hidden)]
+pub unsafe fn filter_entry<F: Filter>(host: *const HostApi) -> *const abi::PluginTable {
+    static TABLE: FilterCell = FilterCell(OnceLock::new());
+    if host.is_null() {
+        return std::ptr::null();
+    }
+    // SAFETY: non-null host table.
+    if unsafe { (*host).abi_major } != abi::ABI_MAJOR {
+        return std::ptr::null();
+    }
+    crate::host::install(host);
+    let t = TABLE.0.get_or_init(|| abi::FilterTable {
+        abi_major: abi::ABI_MAJOR,
+        abi_minor: abi::ABI_MINOR,
+        struct_size: std::mem::size_of::<abi::FilterTable>() as u32,
+        kind: abi::PLUGIN_KIND_FILTER,
+        thread_model: F::THREAD_MODEL as u32,
+        name: F::NAME.as_ptr(),
+        version: F::VERSION.as_ptr(),
+        description: F::DESCRIPTION.as_ptr(),
+        params: F::PARAMS.as_ptr(),
+        n_params: F::PARAMS.len(),
+        min_children: F::MIN_CHILDREN,
+        max_children: F::MAX_CHILDREN,
+        child_readonly: F::CHILD_READONLY as u32,
+        create: Some(f_create::<F>),
+        destroy: Some(f_destroy::<F>),
+        open: Some(f_open::<F>),
+        close: Some(f_close::<F>),
+        get_size: Some(f_get_size::<F>),
+        block_size: Some(f_block_size::<F>),
+        can_write: Some(f_can_write::<F>),
+        can_flush: Some(f_can_flush::<F>),
+        is_rotational: Some(f_is_rotational::<F>),
+        can_trim: Some(f_can_trim::<F>),
+        can_zero: Some(f_can_zero::<F>),
+        can_fast_zero: Some(f_can_fast_zero::<F>),
+        can_fua: Some(f_can_fua::<F>),
+        can_multi_conn: Some(f_can_multi_conn::<F>),
+        can_extents: Some(f_can_extents::<F>),
+        can_cache: Some(f_can_cache::<F>),
+        pread: Some(f_pread::<F>),
+        pwrite: Some(f_pwrite::<F>),
+        flush: Some(f_flush::<F>),
+        trim: Some(f_trim::<F>),
+        zero: Some(f_zero::<F>),
+        extents: Some(f_extents::<F>),
+        cache: Some(f_cache::<F>),
+    });
+    t as *const abi::FilterTable as *const abi::PluginTable
+}
