@@ -3,6 +3,9 @@
 
 mod clients;
 mod config_errors;
+mod filters_ops;
+mod filters_shape;
+mod layering;
 mod lifecycle;
 mod plugins;
 mod protocol;

@@ -278,8 +278,10 @@ mod tests {
         fn op() -> impl Strategy<Value = Op> {
             let off = 0..SIZE;
             prop_oneof![
-                (off.clone(), 1..(2 * PAGE as usize), any::<u8>())
-                    .prop_map(|(o, len, seed)| Op::Write(o, (0..len).map(|i| seed.wrapping_add(i as u8) | 1).collect())),
+                (off.clone(), 1..(2 * PAGE as usize), any::<u8>()).prop_map(|(o, len, seed)| Op::Write(
+                    o,
+                    (0..len).map(|i| seed.wrapping_add(i as u8) | 1).collect()
+                )),
                 (off.clone(), 1..(3 * PAGE)).prop_map(|(o, l)| Op::Zero(o, l)),
                 (off, 1..(3 * PAGE)).prop_map(|(o, l)| Op::Read(o, l)),
             ]
