@@ -361,12 +361,26 @@ impl Raw {
         let mut b = vec![0u8; n];
         self.s.read_exact(&mut b).ok().map(|_| b)
     }
-    /// True if the server closed the connection (EOF) within the timeout.
+    /// True if the server closed the connection (EOF or reset) within the
+    /// read timeout; any bytes still arriving before that are skipped.
     pub fn closed(&mut self) -> bool {
-        use std::io::Read;
-        let mut b = [0u8; 1];
-        matches!(self.s.read(&mut b), Ok(0))
-            || matches!(self.s.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
+        use std::io::{ErrorKind, Read};
+        let mut b = [0u8; 4096];
+        loop {
+            match self.s.read(&mut b) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
+                    ) =>
+                {
+                    return true
+                }
+                Err(_) => return false,
+            }
+        }
     }
     /// Send an option.
     pub fn option(&mut self, opt: u32, data: &[u8]) {

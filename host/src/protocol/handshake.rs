@@ -134,6 +134,16 @@ struct Negotiation<'a, S> {
 
 type Step = Result<Option<Result<Session, HandshakeEnd>>, io::Error>;
 
+/// What reading the next option produced.
+enum Incoming {
+    /// An option and its data.
+    Option(OptionHeader, Vec<u8>),
+    /// An option that was already answered (too large to parse).
+    Answered,
+    /// The option phase is over.
+    End(HandshakeEnd),
+}
+
 impl<S: Read + Write> Negotiation<'_, S> {
     fn reply(&mut self, option: u32, kind: u32, payload: &[u8]) -> io::Result<()> {
         self.out.clear();
@@ -147,36 +157,53 @@ impl<S: Read + Write> Negotiation<'_, S> {
         self.reply(option, kind, codec::clamp_message(msg).as_bytes())
     }
 
-    fn read_option(&mut self) -> io::Result<Result<(OptionHeader, Vec<u8>), HandshakeEnd>> {
+    /// Read the next option. Oversized options are dealt with here (their
+    /// data is never buffered): EXPORT_NAME cannot be answered, so it ends
+    /// the session; ABORT is still acknowledged; anything else is answered
+    /// ERR_TOO_BIG after its data is skipped, or the client is dropped when
+    /// the length is absurd.
+    fn read_option(&mut self) -> io::Result<Incoming> {
         let mut h = [0u8; OptionHeader::LEN];
         match self.s.read_exact(&mut h) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Err(HandshakeEnd::Closed)),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Incoming::End(HandshakeEnd::Closed)),
             Err(e) => return Err(e),
         }
         let hdr = match OptionHeader::parse(&h) {
             Ok(h) => h,
-            Err(e) => return Ok(Err(HandshakeEnd::Refused(e.to_string()))),
+            Err(e) => return Ok(Incoming::End(HandshakeEnd::Refused(e.to_string()))),
         };
-        if hdr.length > MAX_OPTION_DATA {
-            if hdr.length > MAX_OPTION_DISCARD {
-                let _ = self.error(hdr.option, REP_ERR_TOO_BIG, "option data too large");
-                return Ok(Err(HandshakeEnd::Refused(format!(
-                    "option {} with {} bytes of data (limit {MAX_OPTION_DISCARD})",
-                    hdr.option, hdr.length
-                ))));
-            }
-            io::copy(&mut (&mut *self.s).take(hdr.length as u64), &mut io::sink())?;
-            self.error(
-                hdr.option,
-                REP_ERR_TOO_BIG,
-                &format!("option data of {} bytes is over the {MAX_OPTION_DATA}-byte limit", hdr.length),
-            )?;
-            return Ok(Ok((OptionHeader { option: hdr.option, length: u32::MAX }, Vec::new())));
+        if hdr.option == OPT_SET_META_CONTEXT {
+            // A SET replaces the previous selection even when it fails,
+            // however it fails.
+            self.meta = MetaSelection::default();
         }
-        let mut data = vec![0u8; hdr.length as usize];
-        self.s.read_exact(&mut data)?;
-        Ok(Ok((hdr, data)))
+        if hdr.length <= MAX_OPTION_DATA {
+            let mut data = vec![0u8; hdr.length as usize];
+            self.s.read_exact(&mut data)?;
+            return Ok(Incoming::Option(hdr, data));
+        }
+        let what = format!("option {} with {} bytes of data", hdr.option, hdr.length);
+        if hdr.option == OPT_EXPORT_NAME {
+            return Ok(Incoming::End(HandshakeEnd::Refused(format!("{what} (export names are at most 4096 bytes)"))));
+        }
+        if hdr.length > MAX_OPTION_DISCARD {
+            if hdr.option != OPT_ABORT {
+                let _ = self.error(hdr.option, REP_ERR_TOO_BIG, "option data too large");
+            }
+            return Ok(Incoming::End(HandshakeEnd::Refused(format!("{what} (limit {MAX_OPTION_DISCARD})"))));
+        }
+        io::copy(&mut (&mut *self.s).take(hdr.length as u64), &mut io::sink())?;
+        if hdr.option == OPT_ABORT {
+            let _ = self.reply(hdr.option, REP_ACK, &[]);
+            return Ok(Incoming::End(HandshakeEnd::Closed));
+        }
+        self.error(
+            hdr.option,
+            REP_ERR_TOO_BIG,
+            &format!("option data of {} bytes is over the {MAX_OPTION_DATA}-byte limit", hdr.length),
+        )?;
+        Ok(Incoming::Answered)
     }
 
     fn lookup(&self, name: &str) -> Option<Arc<Export>> {
@@ -302,10 +329,7 @@ impl<S: Read + Write> Negotiation<'_, S> {
 
     /// NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT.
     fn meta_context(&mut self, option: u32, req: &codec::MetaContextRequest, list: bool) -> io::Result<()> {
-        if !list {
-            // A SET replaces the previous selection even when it fails.
-            self.meta = MetaSelection::default();
-        }
+        // (A SET's old selection was already dropped when it was read.)
         if self.mode == ReplyMode::Simple {
             return self.error(option, REP_ERR_INVALID, "negotiate structured replies or extended headers first");
         }
@@ -334,12 +358,10 @@ impl<S: Read + Write> Negotiation<'_, S> {
 
     fn step(&mut self) -> Step {
         let (hdr, data) = match self.read_option()? {
-            Ok(x) => x,
-            Err(end) => return Ok(Some(Err(end))),
+            Incoming::Option(h, d) => (h, d),
+            Incoming::Answered => return Ok(None),
+            Incoming::End(end) => return Ok(Some(Err(end))),
         };
-        if hdr.length == u32::MAX {
-            return Ok(None); // oversized option, already answered
-        }
         let option = hdr.option;
         if self.ctx.shutting_down.load(Ordering::Relaxed) && option != OPT_ABORT {
             if option == OPT_EXPORT_NAME {
