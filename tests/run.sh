@@ -10,6 +10,7 @@ command -v nbdinfo >/dev/null || need+=(libnbd-bin)
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need+=(python3-libnbd)
 command -v nbdkit >/dev/null || need+=(nbdkit)
 command -v fio >/dev/null || need+=(fio)
+command -v nbd-server >/dev/null || need+=(nbd-server)
 if ((${#need[@]})); then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo=sudo

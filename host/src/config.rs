@@ -143,8 +143,11 @@ pub enum LayerKind {
 pub struct RawParam {
     /// Key.
     pub key: String,
-    /// Value as text (integers and booleans stringified).
+    /// Value as text (integers and booleans stringified; the elements of a
+    /// list of strings joined by newlines).
     pub value: String,
+    /// Written as a TOML array.
+    pub list: bool,
     /// Line in the snippet.
     pub line: usize,
 }
@@ -271,21 +274,29 @@ impl StackParser<'_> {
             if LAYER_KEYS.contains(&key.as_str()) {
                 continue;
             }
+            let mut list = false;
             let value = match v {
                 toml::Value::String(s) => s.clone(),
                 toml::Value::Integer(n) => n.to_string(),
                 toml::Value::Boolean(b) => b.to_string(),
+                // Plugins that take fractions declare a string parameter
+                // and parse it; typed parameters reject it with a message.
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Array(items) if items.iter().all(|i| i.is_str()) => {
+                    list = true;
+                    items.iter().filter_map(|i| i.as_str()).collect::<Vec<_>>().join("\n")
+                }
                 other => {
                     return Err(self.err(
                         Some(*pline),
                         format!(
-                            "{location} ({name}): key `{key}` must be a string, integer or boolean, not {}",
+                            "{location} ({name}): key `{key}` must be a string, integer, boolean or list of strings, not {}",
                             other.type_str()
                         ),
                     ))
                 }
             };
-            params.push(RawParam { key: key.clone(), value, line: *pline });
+            params.push(RawParam { key: key.clone(), value, list, line: *pline });
         }
         params.sort_by_key(|p| p.line);
         if kind == LayerKind::Filter && !parts.is_empty() {
@@ -453,6 +464,9 @@ pub fn validate_params(
                 ),
             ));
         };
+        if p.list && decl.kind != ParamKind::PathList {
+            return Err(at(p.line, format!("parameter `{}` takes a single value, not a list", p.key)));
+        }
         let v = normalise_value(decl, &p.value, &spec.source)
             .map_err(|m| at(p.line, format!("parameter `{}`: {m}", p.key)))?;
         out.push((p.key.clone(), v));
@@ -484,16 +498,22 @@ fn normalise_value(decl: &ParamInfo, v: &str, snippet: &Path) -> Result<String, 
             .map(|n| n.to_string())
             .ok_or_else(|| format!("`{v}` is not a size (bytes, or a number with K, M, G, T, P suffix)")),
         ParamKind::Bool => parse_bool(v).map(|b| b.to_string()).ok_or_else(|| format!("`{v}` is not a boolean")),
-        ParamKind::Path => {
-            if v.is_empty() {
-                return Err("empty path".into());
-            }
-            let p = Path::new(v);
-            let abs =
-                if p.is_relative() { snippet.parent().unwrap_or(Path::new(".")).join(p) } else { p.to_path_buf() };
-            Ok(abs.to_string_lossy().into_owned())
+        ParamKind::Path => resolve_path(v, snippet),
+        ParamKind::PathList => {
+            let items: Vec<&str> = if v.contains('\n') { v.split('\n').collect() } else { v.split(',').collect() };
+            let resolved = items.iter().map(|i| resolve_path(i.trim(), snippet)).collect::<Result<Vec<_>, _>>()?;
+            Ok(resolved.join("\n"))
         }
     }
+}
+
+fn resolve_path(v: &str, snippet: &Path) -> Result<String, String> {
+    if v.is_empty() {
+        return Err("empty path".into());
+    }
+    let p = Path::new(v);
+    let abs = if p.is_relative() { snippet.parent().unwrap_or(Path::new(".")).join(p) } else { p.to_path_buf() };
+    Ok(abs.to_string_lossy().into_owned())
 }
 
 #[cfg(test)]
@@ -512,7 +532,7 @@ mod tests {
         assert!(!s.readonly);
         assert_eq!(s.stack.len(), 1);
         assert_eq!(s.stack[0].name, "memory");
-        assert_eq!(s.stack[0].params, vec![RawParam { key: "size".into(), value: "1G".into(), line: 4 }]);
+        assert_eq!(s.stack[0].params, vec![RawParam { key: "size".into(), value: "1G".into(), list: false, line: 4 }]);
     }
 
     #[test]
@@ -535,8 +555,10 @@ mod tests {
         assert!(e.message.contains("must end with a plugin"), "{e}");
         let e = parse("[[layer]]\nplugin = \"file\"\n[[layer]]\nplugin = \"memory\"\n").unwrap_err();
         assert!(e.message.contains("only be the bottom layer"), "{e}");
-        let e = parse("[[layer]]\nplugin = \"memory\"\nsize = 1.5\n").unwrap_err();
-        assert!(e.message.contains("key `size`") && e.message.contains("float"), "{e}");
+        let e = parse("[[layer]]\nplugin = \"memory\"\nsize = { a = 1 }\n").unwrap_err();
+        assert!(e.message.contains("key `size`") && e.message.contains("table"), "{e}");
+        let s = parse("[[layer]]\nfilter = \"error\"\nrate = 0.5\n[[layer]]\nplugin = \"memory\"\n").unwrap();
+        assert_eq!(s.stack[0].params[0].value, "0.5");
         let e = parse("readonly = \"yes\"\n[[layer]]\nplugin = \"memory\"\n").unwrap_err();
         assert_eq!(e.line, Some(1), "{e}");
     }

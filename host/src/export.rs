@@ -135,7 +135,7 @@ fn build_layer(spec: &ExportSpec, layer: &LayerSpec, plugins: &PluginDirectory) 
     let err = |msg: String| ConfigError {
         file: spec.source.clone(),
         line: Some(layer.line),
-        message: format!("export `{}`, {}: {msg}", spec.name, layer.location),
+        message: format!("export `{}`, {} ({}): {msg}", spec.name, layer.location, layer.name),
     };
     let plugin = plugins.get(&layer.name).map_err(|e| err(e.to_string()))?;
     let n = layer.parts.len();
@@ -172,7 +172,7 @@ fn build_layer(spec: &ExportSpec, layer: &LayerSpec, plugins: &PluginDirectory) 
         _ => {}
     }
     let params = validate_params(spec, layer, &plugin)?;
-    let instance = plugin.create(&params).map_err(|e| err(format!("{}: {}", layer.name, e.message)))?;
+    let instance = plugin.create(&params).map_err(|e| err(e.message))?;
     let parts = layer.parts.iter().map(|p| build_stack(spec, p, plugins)).collect::<Result<Vec<_>, _>>()?;
     Ok(BuiltLayer { plugin, instance, parts })
 }

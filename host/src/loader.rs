@@ -98,6 +98,20 @@ unsafe extern "C" fn host_set_error(_ctx: *mut c_void, msg: *const u8, len: usiz
     });
 }
 
+unsafe extern "C" fn host_last_error(_ctx: *mut c_void, buf: *mut u8, cap: usize) -> usize {
+    catch_unwind(|| {
+        LAST_ERROR.with(|m| {
+            let m = m.borrow();
+            let Some(msg) = m.as_deref() else { return 0 };
+            let n = msg.len().min(cap);
+            // SAFETY: the plugin passes `cap` writable bytes at `buf`.
+            unsafe { std::ptr::copy_nonoverlapping(msg.as_ptr(), buf, n) };
+            msg.len()
+        })
+    })
+    .unwrap_or(0)
+}
+
 unsafe extern "C" fn host_debug_enabled(ctx: *mut c_void) -> u32 {
     // SAFETY: `ctx` is this plugin's `HostCtx`.
     let ctx = unsafe { &*(ctx as *const HostCtx) };
@@ -286,6 +300,7 @@ impl LoadedPlugin {
             log: Some(host_log),
             set_error: Some(host_set_error),
             debug_enabled: Some(host_debug_enabled),
+            last_error: Some(host_last_error),
         }));
         // SAFETY: calling the entry point with our table, per ABI v1.
         let table_ptr = unsafe { entry(host) };
@@ -373,6 +388,7 @@ impl LoadedPlugin {
                 abi::PARAM_SIZE => ParamKind::Size,
                 abi::PARAM_BOOL => ParamKind::Bool,
                 abi::PARAM_PATH => ParamKind::Path,
+                abi::PARAM_PATH_LIST => ParamKind::PathList,
                 _ => ParamKind::String,
             };
             params.push(ParamInfo {

@@ -136,6 +136,10 @@ fn run(cli: Cli) -> Result<(), String> {
         log::info!("signal {sig} received");
     }
     server.shutdown();
+    // Destroy the exports now (their plugins' destroy callbacks run: final
+    // syncs, summaries) rather than leaving it to whichever thread drops
+    // the last reference after main returns.
+    server.replace_exports(ExportSet::default());
     log::info!("bye");
     Ok(())
 }

@@ -489,17 +489,44 @@ impl CheckedLayer {
         self.readonly
     }
 
+    /// The range and block-size rules every request to this layer obeys,
+    /// from a client or from a filter above: inside the layer, aligned to
+    /// its minimum block (an unaligned tail is fine at the very end), and
+    /// for data-carrying requests no longer than its maximum payload.
     fn range(&self, count: u64, offset: u64, past_end: NbdErrno, what: &str) -> Result<(), OpError> {
-        match offset.checked_add(count) {
-            Some(end) if end <= self.caps.size => Ok(()),
-            _ => Err(OpError::new(
-                past_end,
-                format!(
-                    "{}: {what} {offset}+{count} is beyond the end of the export ({} bytes)",
-                    self.name, self.caps.size
-                ),
-            )),
+        let end = match offset.checked_add(count) {
+            Some(end) if end <= self.caps.size => end,
+            _ => {
+                return Err(OpError::new(
+                    past_end,
+                    format!(
+                        "{}: {what} {offset}+{count} is beyond the end of the export ({} bytes)",
+                        self.name, self.caps.size
+                    ),
+                ))
+            }
+        };
+        let min = self.caps.block_size.minimum as u64;
+        if min > 1 && (offset % min != 0 || (count % min != 0 && end != self.caps.size)) {
+            return Err(OpError::inval(format!(
+                "{}: {what} {offset}+{count} is not aligned to the {min}-byte minimum block",
+                self.name
+            )));
         }
+        Ok(())
+    }
+
+    /// Data-carrying requests (read, write) may not exceed the maximum
+    /// payload. Checked before anything is buffered for them.
+    pub fn check_payload(&self, count: u64, what: &str) -> Result<(), OpError> {
+        let max = self.caps.block_size.maximum as u64;
+        if count > max {
+            return Err(OpError::inval(format!(
+                "{}: {what} of {count} bytes exceeds the maximum payload {max}",
+                self.name
+            )));
+        }
+        Ok(())
     }
 
     fn writable(&self, what: &str) -> Result<(), OpError> {
@@ -528,6 +555,7 @@ impl CheckedLayer {
 
     /// Read `buf.len()` bytes at `offset`.
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), OpError> {
+        self.check_payload(buf.len() as u64, "read")?;
         self.range(buf.len() as u64, offset, NbdErrno::Inval, "read")?;
         if buf.is_empty() {
             return Ok(());
@@ -540,6 +568,7 @@ impl CheckedLayer {
     /// Write `buf` at `offset`.
     pub fn write(&self, buf: &[u8], offset: u64, fua: bool) -> Result<(), OpError> {
         self.writable("write")?;
+        self.check_payload(buf.len() as u64, "write")?;
         self.range(buf.len() as u64, offset, NbdErrno::NoSpc, "write")?;
         if buf.is_empty() {
             return Ok(());

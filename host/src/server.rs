@@ -170,7 +170,10 @@ impl Server {
         s.set_read_timeout(Some(self.settings.handshake_timeout))?;
         let exports = self.exports();
         let ctx = HandshakeContext { exports: &exports, peer, shutting_down: &self.shutting_down };
-        let session = match handshake::negotiate(&mut s, &ctx) {
+        let negotiated = handshake::negotiate(&mut s, &ctx);
+        // The session keeps its own export; a reload must not wait for us.
+        drop(exports);
+        let session = match negotiated {
             Ok(Ok(session)) => session,
             Ok(Err(HandshakeEnd::Closed)) => return Ok(()),
             Ok(Err(HandshakeEnd::Refused(why))) => {

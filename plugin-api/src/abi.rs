@@ -112,6 +112,10 @@ pub const PARAM_BOOL: u32 = 3;
 /// Filesystem path; relative paths are resolved against the directory of
 /// the config snippet that names them.
 pub const PARAM_PATH: u32 = 4;
+/// A list of paths (a TOML array of strings, or one comma-separated
+/// string), resolved like [`PARAM_PATH`]; the plugin receives them joined by
+/// newlines. A host that predates this kind passes the value unchanged.
+pub const PARAM_PATH_LIST: u32 = 5;
 
 /// Services the host offers to a plugin. Each loaded plugin gets its own
 /// table, so `ctx` identifies the plugin (e.g. for log prefixes).
@@ -135,6 +139,10 @@ pub struct HostApi {
     pub set_error: Option<unsafe extern "C" fn(ctx: *mut c_void, msg: *const u8, len: usize)>,
     /// Non-zero if debug messages of this plugin are wanted.
     pub debug_enabled: Option<unsafe extern "C" fn(ctx: *mut c_void) -> u32>,
+    /// The message of the last failed [`NextOps`] call on this thread:
+    /// copies up to `cap` bytes (UTF-8) into `buf` and returns the full
+    /// length (0: none).
+    pub last_error: Option<unsafe extern "C" fn(ctx: *mut c_void, buf: *mut u8, cap: usize) -> usize>,
 }
 
 /// One declared parameter of a plugin.

@@ -42,7 +42,9 @@ impl Error {
     }
     /// An error reported by the layer below a filter (see [`crate::Next`]).
     pub(crate) fn below(errno: i32) -> Self {
-        let mut e = Self::new(errno, format!("the layer below failed: {}", std::io::Error::from_raw_os_error(errno)));
+        let message = crate::host::last_error()
+            .unwrap_or_else(|| format!("the layer below failed: {}", std::io::Error::from_raw_os_error(errno)));
+        let mut e = Self::new(errno, message);
         e.from_below = true;
         e
     }

@@ -68,6 +68,27 @@ pub fn debug_enabled() -> bool {
     .unwrap_or(false)
 }
 
+/// The message of the last failed call to the layer below a filter, on
+/// this thread (see [`crate::Next`]).
+pub fn last_error() -> Option<String> {
+    with_host(|h| {
+        let f = h.last_error?;
+        let mut buf = vec![0u8; 512];
+        // SAFETY: host callback with its own ctx and a writable buffer.
+        let n = unsafe { f(h.ctx, buf.as_mut_ptr(), buf.len()) };
+        if n == 0 {
+            return None;
+        }
+        if n > buf.len() {
+            buf.resize(n, 0);
+            // SAFETY: as above, with room for the whole message.
+            unsafe { f(h.ctx, buf.as_mut_ptr(), buf.len()) };
+        }
+        buf.truncate(n);
+        Some(String::from_utf8_lossy(&buf).into_owned())
+    })
+}
+
 /// Attach `msg` to the error the current callback returns.
 pub(crate) fn set_error(msg: &str) {
     with_host(|h| {

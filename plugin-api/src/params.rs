@@ -17,6 +17,8 @@ pub enum ParamKind {
     Bool = abi::PARAM_BOOL,
     /// Filesystem path (resolved relative to the snippet).
     Path = abi::PARAM_PATH,
+    /// List of paths (resolved relative to the snippet).
+    PathList = abi::PARAM_PATH_LIST,
 }
 
 /// Declare a parameter, for [`crate::Backend::PARAMS`].
@@ -82,6 +84,10 @@ impl Params {
     /// A path.
     pub fn path(&self, key: &str) -> Option<PathBuf> {
         self.get(key).map(PathBuf::from)
+    }
+    /// A list of paths (empty if unset).
+    pub fn path_list(&self, key: &str) -> Vec<PathBuf> {
+        self.get(key).map(|v| v.split('\n').filter(|s| !s.is_empty()).map(PathBuf::from).collect()).unwrap_or_default()
     }
     /// All pairs in order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {

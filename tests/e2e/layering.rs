@@ -1,1 +1,405 @@
-//! (being written)
+//! Layered exports: the design's own example (three files concatenated with
+//! copy-on-write on the middle one only), multifile, persistent overlays
+//! that survive `kill -9`, private and shared overlays.
+
+use nbdhost_tests::*;
+use std::time::Duration;
+
+const MIB: usize = 1 << 20;
+
+const THREE_FILES: &str = r#"
+description = "three files end to end; copy-on-write on the middle one only"
+
+[[layer]]
+plugin = "concat"
+
+[[layer.part]]
+  [[layer.part.layer]]
+  plugin = "file"
+  path = "a.img"
+
+[[layer.part]]
+  [[layer.part.layer]]
+  filter = "cow"
+  [[layer.part.layer]]
+  plugin = "file"
+  path = "b.img"
+
+[[layer.part]]
+  [[layer.part.layer]]
+  plugin = "file"
+  path = "c.img"
+"#;
+
+#[test]
+fn three_files_with_cow_on_the_middle_one_only() {
+    if !require_python_nbd() || !require_tool("qemu-img") {
+        return;
+    }
+    let ex = Exports::new();
+    let originals: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(4 * MIB, 100 + i)).collect();
+    for (name, data) in ["a.img", "b.img", "c.img"].iter().zip(&originals) {
+        std::fs::write(ex.path(name), data).unwrap();
+    }
+    ex.snippet("three", THREE_FILES);
+    let srv = Server::start(&ex, &[]);
+    assert!(srv.log().contains("export `three`: concat[file | cow > file | file]"), "{}", srv.log());
+    // One write across all three parts (3 MiB .. 9 MiB), plus small ones
+    // straddling each boundary.
+    let o = python(
+        r#"
+import nbd, sys
+M = 1 << 20
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+assert h.get_size() == 12 * M
+big = bytes((i * 7 + 3) % 256 for i in range(6 * M))
+h.pwrite(big, 3 * M)
+h.pwrite(b"\xee" * 8192, 4 * M - 4096)
+h.pwrite(b"\xdd" * 8192, 8 * M - 4096)
+h.flush()
+exp = bytearray(big)
+exp[M - 4096 : M + 4096] = b"\xee" * 8192
+exp[5 * M - 4096 : 5 * M + 4096] = b"\xdd" * 8192
+assert h.pread(6 * M, 3 * M) == bytes(exp)
+open(sys.argv[2], "wb").write(bytes(exp))
+print("OK")
+"#,
+        &[&srv.uri("three"), ex.path("expected.bin").to_str().unwrap()],
+    );
+    assert!(assert_ok("python", &o).contains("OK"));
+    let exp = std::fs::read(ex.path("expected.bin")).unwrap();
+    // On disk: the outer files changed, the middle one did not.
+    let a = std::fs::read(ex.path("a.img")).unwrap();
+    let b = std::fs::read(ex.path("b.img")).unwrap();
+    let c = std::fs::read(ex.path("c.img")).unwrap();
+    assert!(a[..3 * MIB] == originals[0][..3 * MIB], "a.img before the write changed");
+    assert!(a[3 * MIB..] == exp[..MIB], "a.img does not hold the written bytes");
+    assert!(b == originals[1], "b.img (under cow) was modified");
+    assert!(c[..MIB] == exp[5 * MIB..], "c.img does not hold the written bytes");
+    assert!(c[MIB..] == originals[2][MIB..], "c.img after the write changed");
+    // And a real client reading the whole export sees the overlay.
+    let whole = ex.path("whole.img");
+    run_ok("qemu-img", &["convert", "-f", "raw", "-O", "raw", &srv.uri("three"), whole.to_str().unwrap()]);
+    let whole = std::fs::read(whole).unwrap();
+    assert!(whole[3 * MIB..9 * MIB] == exp[..], "export contents differ from what was written");
+    assert!(whole[..3 * MIB] == originals[0][..3 * MIB]);
+}
+
+#[test]
+fn private_overlays_isolate_clients_and_shared_ones_do_not() {
+    if !require_python_nbd() {
+        return;
+    }
+    let ex = Exports::new();
+    std::fs::write(ex.path("base.img"), vec![0x11u8; 4 * MIB]).unwrap();
+    ex.snippet(
+        "private",
+        "[[layer]]\nfilter = \"cow\"\nshared = false\n[[layer]]\nplugin = \"file\"\npath = \"base.img\"\n",
+    );
+    ex.snippet("shared", "[[layer]]\nfilter = \"cow\"\n[[layer]]\nplugin = \"file\"\npath = \"base.img\"\n");
+    let srv = Server::start(&ex, &[]);
+    let script = r#"
+import nbd, sys
+a = nbd.NBD(); a.connect_uri(sys.argv[1])
+b = nbd.NBD(); b.connect_uri(sys.argv[1])
+a.pwrite(b"\xaa" * 5000, 100)
+a.flush()
+seen_a = a.pread(5000, 100)
+seen_b = b.pread(5000, 100)
+print("multi_conn", a.can_multi_conn())
+print("a_sees_own", seen_a == b"\xaa" * 5000)
+print("b_sees_a", seen_b == b"\xaa" * 5000)
+print("b_sees_base", seen_b == b"\x11" * 5000)
+a.shutdown()
+c = nbd.NBD(); c.connect_uri(sys.argv[1])
+print("later_sees_a", c.pread(5000, 100) == b"\xaa" * 5000)
+"#;
+    let out = assert_ok("python", &python(script, &[&srv.uri("private")]));
+    for want in ["multi_conn False", "a_sees_own True", "b_sees_a False", "b_sees_base True", "later_sees_a False"] {
+        assert!(out.contains(want), "private: expected {want}: {out}");
+    }
+    let out = assert_ok("python", &python(script, &[&srv.uri("shared")]));
+    for want in ["multi_conn True", "a_sees_own True", "b_sees_a True", "later_sees_a True"] {
+        assert!(out.contains(want), "shared: expected {want}: {out}");
+    }
+    assert!(std::fs::read(ex.path("base.img")).unwrap().iter().all(|&x| x == 0x11), "base written through cow");
+}
+
+#[test]
+fn cow_records_trim_and_zero_and_merges_block_status() {
+    if !require_python_nbd() {
+        return;
+    }
+    let ex = Exports::new();
+    // A base with data in the first 2 MiB and a hole after it.
+    let f = std::fs::File::create(ex.path("base.img")).unwrap();
+    f.set_len(8 * MIB as u64).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &vec![0x22u8; 2 * MIB], 0).unwrap();
+    drop(f);
+    ex.snippet(
+        "c",
+        "[[layer]]\nfilter = \"cow\"\nblocksize = \"64K\"\n[[layer]]\nplugin = \"file\"\npath = \"base.img\"\n",
+    );
+    let srv = Server::start(&ex, &[]);
+    let o = python(
+        r#"
+import nbd, sys
+M = 1 << 20
+h = nbd.NBD()
+h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+h.connect_uri(sys.argv[1])
+h.zero(M, 0)                       # zero recorded over base data
+h.trim(65536, M + 65536)           # trim recorded
+h.pwrite(b"\x33" * 100, 4 * M + 10)  # partial block in the base's hole
+assert h.pread(M, 0) == bytes(M)
+assert h.pread(65536, M + 65536) == bytes(65536)
+assert h.pread(M - 65536, M + 131072) == b"\x22" * (M - 131072) + bytes(65536)
+blk = h.pread(65536, 4 * M)
+assert blk[10:110] == b"\x33" * 100 and blk[:10] == bytes(10) and blk[110:] == bytes(65536 - 110)
+ext = []
+h.block_status(8 * M, 0, lambda ctx, off, e, err: ext.append(list(e)) or 0)
+e = ext[0]
+pairs = [(e[i], e[i + 1]) for i in range(0, len(e), 2)]
+print(pairs)
+# zeroed: hole+zero; base data: data; trimmed: hole+zero; data; base hole; overlay block: data; base hole
+assert pairs[0] == (M, 3), pairs
+assert pairs[1] == (65536, 0), pairs
+assert pairs[2] == (65536, 3), pairs
+assert pairs[3] == (M - 131072, 0), pairs
+assert pairs[4] == (2 * M, 3), pairs
+assert pairs[5] == (65536, 0), pairs
+assert pairs[6] == (4 * M - 65536, 3), pairs
+print("OK")
+"#,
+        &[&srv.uri("c")],
+    );
+    assert!(assert_ok("python", &o).contains("OK"));
+    let base = std::fs::read(ex.path("base.img")).unwrap();
+    assert!(base[..2 * MIB].iter().all(|&x| x == 0x22) && base[2 * MIB..].iter().all(|&x| x == 0));
+}
+
+/// The client side of the crash test: writes 64 KiB blocks with distinct
+/// contents to distinct places, several in flight, and flushes now and
+/// then. After each FLUSH completes it records (atomically) every write
+/// that had been acknowledged before that FLUSH was sent.
+const CRASH_WRITER: &str = r#"
+import nbd, sys, os, json, random
+uri, state, round_no = sys.argv[1], sys.argv[2], int(sys.argv[3])
+B = 65536
+h = nbd.NBD()
+h.connect_uri(uri)
+rng = random.Random(round_no)
+blocks = h.get_size() // B
+slots = list(range(round_no * 200, round_no * 200 + 200))   # blocks this round owns
+rng.shuffle(slots)
+acked = []          # (block, seed) acknowledged so far
+pending = {}        # cookie -> (block, seed, buffer)
+flushes = {}        # cookie -> snapshot of acked
+def data(block, seed):
+    return bytes(((block * 131 + seed * 17 + i) & 0xFF) for i in range(256)) * (B // 256)
+i = 0
+while slots or pending or flushes:
+    while slots and len(pending) < 8:
+        blk = slots.pop()
+        seed = rng.randrange(1, 250)
+        buf = nbd.Buffer.from_bytearray(bytearray(data(blk, seed)))
+        c = h.aio_pwrite(buf, blk * B)
+        pending[c] = (blk, seed, buf)
+        i += 1
+        if i % 5 == 0:
+            flushes[h.aio_flush()] = list(acked)
+    h.poll(-1)
+    for c in list(pending):
+        if h.aio_command_completed(c):
+            blk, seed, _ = pending.pop(c)
+            acked.append((blk, seed))
+    for c in list(flushes):
+        if h.aio_command_completed(c):
+            snap = flushes.pop(c)
+            tmp = state + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(snap, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, state)
+print("writer finished", len(acked))
+"#;
+
+const CRASH_CHECKER: &str = r#"
+import nbd, sys, json
+uri, state = sys.argv[1], sys.argv[2]
+B = 65536
+def data(block, seed):
+    return bytes(((block * 131 + seed * 17 + i) & 0xFF) for i in range(256)) * (B // 256)
+try:
+    flushed = json.load(open(state))
+except FileNotFoundError:
+    flushed = []
+h = nbd.NBD()
+h.connect_uri(uri)
+bad = [blk for (blk, seed) in flushed if h.pread(B, blk * B) != data(blk, seed)]
+print("checked", len(flushed), "lost", len(bad))
+"#;
+
+#[test]
+fn persistent_overlay_keeps_every_flushed_write_across_kill_9() {
+    if !require_python_nbd() {
+        return;
+    }
+    let ex = Exports::new();
+    let base = ex.path("base.img");
+    std::fs::File::create(&base).unwrap().set_len(128 * MIB as u64).unwrap();
+    ex.snippet(
+        "p",
+        "[[layer]]\nfilter = \"cow\"\noverlay = \"overlay.img\"\n[[layer]]\nplugin = \"file\"\npath = \"base.img\"\n",
+    );
+    let mut total_checked = 0;
+    for round in 0..8u64 {
+        let srv = Server::start(&ex, &[]);
+        let state = ex.path(&format!("round{round}.json"));
+        let mut writer = std::process::Command::new("/usr/bin/python3")
+            .args(["-c", CRASH_WRITER, &srv.uri("p"), state.to_str().unwrap(), &round.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Let it get going, then kill the server while writes are in flight.
+        std::thread::sleep(Duration::from_millis(150 + 70 * round));
+        srv.signal(libc::SIGKILL);
+        let _ = writer.wait();
+        drop(srv);
+        // Restart on the same overlay and check everything flushed.
+        let srv = Server::start(&ex, &[]);
+        for r in 0..=round {
+            let st = ex.path(&format!("round{r}.json"));
+            let out = assert_ok("checker", &python(CRASH_CHECKER, &[&srv.uri("p"), st.to_str().unwrap()]));
+            assert!(out.contains("lost 0"), "round {round}, checking round {r}: {out}");
+            if r == round {
+                total_checked += out.split_whitespace().nth(1).and_then(|n| n.parse::<usize>().ok()).unwrap_or(0);
+            }
+        }
+    }
+    assert!(total_checked > 0, "no write was ever flushed before a kill: the test proved nothing");
+    assert!(std::fs::metadata(&base).unwrap().len() == 128 * MIB as u64);
+    assert!(std::fs::read(&base).unwrap().iter().all(|&b| b == 0), "base written through cow");
+}
+
+#[test]
+fn multifile_reads_the_same_bytes_as_nbd_server() {
+    if !require_tool("nbd-server") || !require_tool("nbdcopy") || !require_python_nbd() {
+        return;
+    }
+    let ex = Exports::new();
+    // Unequal sizes, as nbd-server allows.
+    let sizes = [3 * MIB, MIB + 4096, 2 * MIB];
+    for (i, s) in sizes.iter().enumerate() {
+        std::fs::write(ex.path(&format!("disk.{i}")), random_bytes(*s, 7 + i as u64)).unwrap();
+    }
+    ex.snippet("multi", "[[layer]]\nplugin = \"file\"\npath = \"disk\"\nmultifile = true\n");
+    ex.snippet("listed", "[[layer]]\nplugin = \"file\"\npaths = [\"disk.0\", \"disk.1\", \"disk.2\"]\n");
+    let srv = Server::start(&ex, &[]);
+    // nbd-server on the same files.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let conf = ex.path("nbd-server.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[generic]\nport = {port}\nlistenaddr = 127.0.0.1\nallowlist = true\n[multi]\nexportname = {}\nmultifile = true\nreadonly = true\n",
+            ex.path("disk").display()
+        ),
+    )
+    .unwrap();
+    let mut peer = std::process::Command::new("nbd-server")
+        .args(["-C", conf.to_str().unwrap(), "-d"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // `nbd-server -d` serves exactly one connection: read it all through
+    // one libnbd handle.
+    let theirs = ex.path("theirs.img");
+    let read_all = r#"
+import nbd, sys, time
+h = nbd.NBD()
+for _ in range(50):
+    try:
+        h.connect_uri(sys.argv[1])
+        break
+    except nbd.Error:
+        time.sleep(0.1)
+        h = nbd.NBD()
+size = h.get_size()
+with open(sys.argv[2], "wb") as f:
+    off = 0
+    while off < size:
+        n = min(1 << 20, size - off)
+        f.write(h.pread(n, off))
+        off += n
+print("OK")
+"#;
+    let o = python(read_all, &[&format!("nbd://127.0.0.1:{port}/multi"), theirs.to_str().unwrap()]);
+    let ok = o.status.success() && String::from_utf8_lossy(&o.stdout).contains("OK");
+    let _ = peer.kill();
+    let _ = peer.wait();
+    assert!(ok, "could not read from nbd-server: {}", String::from_utf8_lossy(&o.stderr));
+    let theirs = std::fs::read(theirs).unwrap();
+    assert_eq!(theirs.len(), sizes.iter().sum::<usize>());
+    for export in ["multi", "listed"] {
+        let ours = ex.path(&format!("ours-{export}.img"));
+        run_ok("nbdcopy", &[&srv.uri(export), ours.to_str().unwrap()]);
+        assert!(std::fs::read(ours).unwrap() == theirs, "{export}: bytes differ from nbd-server's");
+    }
+    // Writes that cross a file boundary land in both files.
+    if require_python_nbd() {
+        let o = python(
+            "import nbd,sys\nh=nbd.NBD()\nh.connect_uri(sys.argv[1])\nh.pwrite(b'\\x5c'*8192, 3*1024*1024-4096)\nh.flush()\nprint('OK')",
+            &[&srv.uri("multi")],
+        );
+        assert!(assert_ok("python", &o).contains("OK"));
+        let f0 = std::fs::read(ex.path("disk.0")).unwrap();
+        let f1 = std::fs::read(ex.path("disk.1")).unwrap();
+        assert!(f0[3 * MIB - 4096..].iter().all(|&b| b == 0x5c));
+        assert!(f1[..4096].iter().all(|&b| b == 0x5c));
+    }
+}
+
+#[test]
+fn layering_mistakes_are_refused_naming_file_export_and_layer() {
+    let ex = Exports::new();
+    let check = |snippet: &str| -> String {
+        for f in std::fs::read_dir(ex.dir.path()).unwrap() {
+            std::fs::remove_file(f.unwrap().path()).unwrap();
+        }
+        ex.snippet("x", snippet);
+        let o = run(nbdhost_bin().to_str().unwrap(), &["--check", "--exports-dir", &ex.dir_str()]);
+        assert!(!o.status.success(), "accepted: {snippet}");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let e = check("[[layer]]\nfilter = \"memory\"\n[[layer]]\nplugin = \"memory\"\nsize = \"1M\"\n");
+    assert!(
+        e.contains("x.toml:2")
+            && e.contains("export `x`, layer 1")
+            && e.contains("`memory` is a backend plugin, not a filter"),
+        "{e}"
+    );
+    let e = check("[[layer]]\nplugin = \"cow\"\n");
+    assert!(e.contains("`cow` is a filter"), "{e}");
+    let e = check("[[layer]]\nfilter = \"nosuchfilter\"\n[[layer]]\nplugin = \"memory\"\nsize = \"1M\"\n");
+    assert!(e.contains("plugin `nosuchfilter` not found"), "{e}");
+    let e = check("[[layer]]\nfilter = \"cow\"\nblocksize = \"1000\"\n[[layer]]\nplugin = \"memory\"\nsize = \"1M\"\n");
+    assert!(e.contains("layer 1 (cow)") && e.contains("blocksize 1000 must be a power of two"), "{e}");
+    let e = check("[[layer]]\nplugin = \"concat\"\n");
+    assert!(e.contains("`concat` is a filter") && e.contains("[[layer.part]]"), "{e}");
+    let e = check("[[layer]]\nplugin = \"concat\"\n[[layer.part]]\n  [[layer.part.layer]]\n  plugin = \"memory\"\n  szie = \"1M\"\n");
+    assert!(e.contains("layer 1, part 1, layer 1 (memory): unknown parameter `szie`"), "{e}");
+    let e = check("[[layer]]\nplugin = \"memory\"\nsize = \"1M\"\n[[layer.part]]\n  [[layer.part.layer]]\n  plugin = \"memory\"\n  size = \"1M\"\n");
+    assert!(e.contains("backend `memory` takes no parts"), "{e}");
+    let e = check("[[layer]]\nplugin = \"file\"\npaths = [\"a\", \"b\"]\npath = \"c\"\n");
+    assert!(e.contains("either `path` or `paths`"), "{e}");
+    let e = check("[[layer]]\nplugin = \"memory\"\nsize = [\"1M\"]\n");
+    assert!(e.contains("parameter `size` takes a single value, not a list"), "{e}");
+}

@@ -153,7 +153,8 @@ impl<W: Write> ReplyWriter<W> {
 /// that read as zeros, shrunk to 512-byte alignment (except at the end of
 /// the request); what is cut off is read as data, as is anything the
 /// extents do not cover. Runs are contiguous, non-empty and merged.
-pub fn read_segments(offset: u64, length: u64, extents: &[Extent]) -> Vec<(u64, u64, bool)> {
+pub fn read_segments(offset: u64, length: u64, extents: &[Extent], align: u64) -> Vec<(u64, u64, bool)> {
+    debug_assert!(align.is_power_of_two());
     let end = offset + length;
     let mut out: Vec<(u64, u64, bool)> = Vec::new();
     let mut push = |o: u64, l: u64, hole: bool| {
@@ -172,8 +173,8 @@ pub fn read_segments(offset: u64, length: u64, extents: &[Extent]) -> Vec<(u64, 
         }
         let e_end = pos.saturating_add(e.length).min(end);
         if e.flags & EXTENT_ZERO != 0 {
-            let hs = pos.next_multiple_of(HOLE_ALIGN).min(e_end);
-            let he = if e_end == end { e_end } else { e_end / HOLE_ALIGN * HOLE_ALIGN };
+            let hs = pos.next_multiple_of(align).min(e_end);
+            let he = if e_end == end { e_end } else { e_end / align * align };
             if he > hs {
                 push(pos, hs - pos, false);
                 push(hs, he - hs, true);
@@ -514,29 +515,17 @@ impl<'a, W: Write + Send> Conn<'a, W> {
         if req.command == CMD_FLUSH && (req.offset != 0 || req.length != 0) {
             return Err(OpError::inval("FLUSH: offset and length must be 0"));
         }
-        let bs = self.layer.caps().block_size;
-        if matches!(req.command, CMD_READ | CMD_WRITE) && req.length > bs.maximum as u64 {
-            if req.command == CMD_READ && req.flags & CMD_FLAG_DF != 0 {
+        // Range and alignment are the pipeline's to check; the payload limit
+        // is checked here too because a READ's buffer is sized from it.
+        if matches!(req.command, CMD_READ | CMD_WRITE) {
+            let max = self.layer.caps().block_size.maximum as u64;
+            if req.command == CMD_READ && req.flags & CMD_FLAG_DF != 0 && req.length > max {
                 return Err(OpError::new(
                     NbdErrno::Overflow,
-                    format!("READ: {} bytes cannot be sent unfragmented (maximum {})", req.length, bs.maximum),
+                    format!("READ: {} bytes cannot be sent unfragmented (maximum {max})", req.length),
                 ));
             }
-            return Err(OpError::inval(format!(
-                "{cmd}: length {} exceeds the maximum payload {}",
-                req.length, bs.maximum
-            )));
-        }
-        let min = bs.minimum as u64;
-        if min > 1 && req.command != CMD_FLUSH {
-            let end = req.offset.saturating_add(req.length);
-            let tail_ok = req.length % min == 0 || end == self.layer.caps().size;
-            if req.offset % min != 0 || !tail_ok {
-                return Err(OpError::inval(format!(
-                    "{cmd}: {}+{} is not aligned to the {min}-byte minimum block",
-                    req.offset, req.length
-                )));
-            }
+            self.layer.check_payload(req.length, cmd)?;
         }
         if self.shutting_down.load(Ordering::Relaxed) {
             return Err(OpError::new(NbdErrno::Shutdown, "server is shutting down"));
@@ -664,7 +653,7 @@ impl<'a, W: Write + Send> Conn<'a, W> {
         if self.split_reads && !df && data_bytes >= SPLIT_READ_MIN {
             return self.split_read(req, cost, &segments, scope);
         }
-        let r = self.read_segments(&req, &segments, buf);
+        let r = self.send_segments(&req, &segments, buf);
         self.finish(cost);
         r
     }
@@ -673,13 +662,18 @@ impl<'a, W: Write + Send> Conn<'a, W> {
     /// to get extents just means "all data".
     fn segments(&self, req: &Request) -> Vec<(u64, u64, bool)> {
         match self.layer.extents(req.length, req.offset, false) {
-            Ok(extents) => read_segments(req.offset, req.length, &extents),
+            Ok(extents) => {
+                // Holes aligned to the minimum block keep the data runs
+                // around them readable from the layer.
+                let align = HOLE_ALIGN.max(self.layer.caps().block_size.minimum as u64);
+                read_segments(req.offset, req.length, &extents, align)
+            }
             Err(_) => vec![(req.offset, req.length, false)],
         }
     }
 
     /// Send segments in order, the last chunk carrying DONE.
-    fn read_segments(&self, req: &Request, segments: &[(u64, u64, bool)], buf: &mut Vec<u8>) -> io::Result<()> {
+    fn send_segments(&self, req: &Request, segments: &[(u64, u64, bool)], buf: &mut Vec<u8>) -> io::Result<()> {
         let df = req.flags & CMD_FLAG_DF != 0;
         for (i, &(off, len, hole)) in segments.iter().enumerate() {
             let last = i + 1 == segments.len();
@@ -788,7 +782,7 @@ mod tests {
         fn segments_cover_the_read_exactly_with_aligned_holes_only_over_zeros(
             offset in 0u64..100_000, length in 1u64..60_000, ext in extents()
         ) {
-            let segs = read_segments(offset, length, &ext);
+            let segs = read_segments(offset, length, &ext, HOLE_ALIGN);
             let end = offset + length;
             // Contiguous, non-empty, exact cover, merged.
             let mut pos = offset;
@@ -827,15 +821,16 @@ mod tests {
 
     #[test]
     fn segments_without_extents_are_all_data() {
-        assert_eq!(read_segments(100, 50, &[]), vec![(100, 50, false)]);
+        assert_eq!(read_segments(100, 50, &[], HOLE_ALIGN), vec![(100, 50, false)]);
         let ext = [Extent { length: 4096, flags: EXTENT_ZERO | EXTENT_HOLE }, Extent { length: 4096, flags: 0 }];
-        assert_eq!(read_segments(0, 8192, &ext), vec![(0, 4096, true), (4096, 4096, false)]);
+        assert_eq!(read_segments(0, 8192, &ext, HOLE_ALIGN), vec![(0, 4096, true), (4096, 4096, false)]);
+        assert_eq!(read_segments(0, 8192, &ext, 8192), vec![(0, 8192, false)], "holes shrink to the alignment");
         // A hole too small to align becomes data.
         let ext = [
             Extent { length: 100, flags: 0 },
             Extent { length: 300, flags: EXTENT_ZERO },
             Extent { length: 100, flags: 0 },
         ];
-        assert_eq!(read_segments(0, 500, &ext), vec![(0, 500, false)]);
+        assert_eq!(read_segments(0, 500, &ext, HOLE_ALIGN), vec![(0, 500, false)]);
     }
 }

@@ -16,7 +16,7 @@ use nbdhost_plugin_api::{
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// The opened file, shared by the export's connections.
@@ -64,117 +64,223 @@ impl OpenFile {
     }
 }
 
+/// One file of the export and where it starts.
+struct Segment {
+    file: OpenFile,
+    start: u64,
+    size: u64,
+}
+
+/// The files of an export laid end to end (one file in the usual case).
+pub struct Files {
+    segs: Vec<Segment>,
+    size: u64,
+    writable: bool,
+}
+
+impl Files {
+    /// Split `[offset, offset+len)` by file: (segment, offset in the file,
+    /// length, offset in the request).
+    fn split(&self, offset: u64, len: u64) -> impl Iterator<Item = (&Segment, u64, u64, usize)> + '_ {
+        let end = offset + len;
+        self.segs.iter().filter_map(move |s| {
+            let a = offset.max(s.start);
+            let b = end.min(s.start + s.size);
+            (a < b).then(|| (s, a - s.start, b - a, (a - offset) as usize))
+        })
+    }
+}
+
 /// Per-export state.
 pub struct FileBackend {
-    file: Arc<OpenFile>,
+    files: Arc<Files>,
 }
 
 /// Per-connection handle.
 pub struct FileHandle {
-    file: Arc<OpenFile>,
+    files: Arc<Files>,
+}
+
+fn open_one(path: &Path, direct: bool) -> Result<OpenFile> {
+    let flags = if direct { libc::O_DIRECT } else { 0 };
+    let (file, writable) = match OpenOptions::new().read(true).write(true).custom_flags(flags).open(path) {
+        Ok(f) => (f, true),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EROFS) | Some(libc::EPERM)) => {
+            let f = OpenOptions::new()
+                .read(true)
+                .custom_flags(flags)
+                .open(path)
+                .map_err(|e| Error::from_io(format!("opening {}", path.display()), &e))?;
+            host::warn(&format!("{} is not writable ({e}); serving it read-only", path.display()));
+            (f, false)
+        }
+        Err(e) => return Err(Error::from_io(format!("opening {}", path.display()), &e)),
+    };
+    let ft = file.metadata().map_err(|e| Error::from_io(path.display(), &e))?.file_type();
+    if !(ft.is_file() || ft.is_block_device()) {
+        return Err(Error::invalid(format!("{} is neither a regular file nor a block device", path.display())));
+    }
+    Ok(OpenFile { file, path: path.to_path_buf(), writable, is_block_device: ft.is_block_device() })
+}
+
+/// nbd-server's multifile layout: `BASE.0`, `BASE.1`, ... up to the first
+/// missing index; `BASE.0` must exist.
+fn multifile_paths(base: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    loop {
+        let p = PathBuf::from(format!("{}.{}", base.display(), out.len()));
+        if !p.exists() {
+            break;
+        }
+        out.push(p);
+    }
+    if out.is_empty() {
+        return Err(Error::invalid(format!("multifile: {}.0 does not exist", base.display())));
+    }
+    Ok(out)
 }
 
 impl Backend for FileBackend {
     type Handle = FileHandle;
     const NAME: &'static std::ffi::CStr = c"file";
     const VERSION: &'static std::ffi::CStr = c"0.1.0";
-    const DESCRIPTION: &'static std::ffi::CStr = c"a regular file or block device";
+    const DESCRIPTION: &'static std::ffi::CStr = c"regular files or block devices, one or several laid end to end";
     const PARAMS: &'static [nbdhost_plugin_api::abi::ParamSpec] = &[
-        param(c"path", ParamKind::Path, true, None, c"file or block device to serve"),
-        param(c"size", ParamKind::Size, false, None, c"create the file with this size if it does not exist (sparse)"),
+        param(
+            c"path",
+            ParamKind::Path,
+            false,
+            None,
+            c"file or block device to serve (or, with multifile, the base name)",
+        ),
+        param(
+            c"multifile",
+            ParamKind::Bool,
+            false,
+            Some(c"false"),
+            c"serve PATH.0, PATH.1, ... end to end (nbd-server layout)",
+        ),
+        param(c"paths", ParamKind::PathList, false, None, c"serve these files end to end, in order (instead of path)"),
+        param(c"size", ParamKind::Size, false, None, c"create missing files (path or paths) with this size, sparse"),
         param(c"direct", ParamKind::Bool, false, Some(c"false"), c"open with O_DIRECT (bypass the page cache)"),
     ];
 
     fn create(params: &Params) -> Result<Self> {
-        let path = params.path("path").ok_or_else(|| Error::invalid("parameter `path` is required"))?;
+        let path = params.path("path");
+        let list = params.path_list("paths");
+        let multifile = params.bool("multifile")?.unwrap_or(false);
         let create_size = params.size("size")?;
         let direct = params.bool("direct")?.unwrap_or(false);
+        let paths = match (path, list.is_empty(), multifile) {
+            (Some(_), false, _) => return Err(Error::invalid("set either `path` or `paths`, not both")),
+            (None, true, _) => return Err(Error::invalid("set `path` (one file) or `paths` (several)")),
+            (None, false, true) => {
+                return Err(Error::invalid("`multifile` goes with `path` (the base name), not `paths`"))
+            }
+            (None, false, false) => list,
+            (Some(base), true, true) => multifile_paths(&base)?,
+            (Some(p), true, false) => vec![p],
+        };
         if let Some(size) = create_size {
-            if !path.exists() {
+            if multifile {
+                return Err(Error::invalid("`size` cannot create files in multifile mode (BASE.0, ... must exist)"));
+            }
+            for path in paths.iter().filter(|p| !p.exists()) {
                 let f = OpenOptions::new()
                     .write(true)
                     .create_new(true)
-                    .open(&path)
+                    .open(path)
                     .map_err(|e| Error::from_io(format!("creating {}", path.display()), &e))?;
                 f.set_len(size).map_err(|e| Error::from_io(format!("sizing {}", path.display()), &e))?;
                 host::info(&format!("created {} ({size} bytes, sparse)", path.display()));
             }
         }
-        let flags = if direct { libc::O_DIRECT } else { 0 };
-        let (file, writable) = match OpenOptions::new().read(true).write(true).custom_flags(flags).open(&path) {
-            Ok(f) => (f, true),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EROFS) | Some(libc::EPERM)) => {
-                let f = OpenOptions::new()
-                    .read(true)
-                    .custom_flags(flags)
-                    .open(&path)
-                    .map_err(|e| Error::from_io(format!("opening {}", path.display()), &e))?;
-                host::warn(&format!("{} is not writable ({e}); serving it read-only", path.display()));
-                (f, false)
-            }
-            Err(e) => return Err(Error::from_io(format!("opening {}", path.display()), &e)),
-        };
-        let ft = file.metadata().map_err(|e| Error::from_io(path.display(), &e))?.file_type();
-        if !(ft.is_file() || ft.is_block_device()) {
-            return Err(Error::invalid(format!("{} is neither a regular file nor a block device", path.display())));
+        let mut segs = Vec::with_capacity(paths.len());
+        let mut start = 0u64;
+        for p in &paths {
+            let file = open_one(p, direct)?;
+            let size = file.size()?;
+            segs.push(Segment { file, start, size });
+            start += size;
         }
-        Ok(FileBackend { file: Arc::new(OpenFile { file, path, writable, is_block_device: ft.is_block_device() }) })
+        let writable = segs.iter().all(|s| s.file.writable);
+        if !writable && segs.len() > 1 {
+            host::warn("some files are not writable: serving all of them read-only");
+        }
+        Ok(FileBackend { files: Arc::new(Files { segs, size: start, writable }) })
     }
 
     fn open(&self, _ctx: &OpenContext) -> Result<FileHandle> {
-        Ok(FileHandle { file: self.file.clone() })
+        Ok(FileHandle { files: self.files.clone() })
     }
 }
 
 impl Connection for FileHandle {
     fn get_size(&self) -> Result<u64> {
-        self.file.size()
+        // A single block device or file is asked each time (it may be
+        // resized); several files are fixed at start.
+        match self.files.segs.as_slice() {
+            [only] => only.file.size(),
+            _ => Ok(self.files.size),
+        }
     }
     fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
-        self.file
-            .file
-            .read_exact_at(buf, offset)
-            .map_err(|e| Error::from_io(format!("{}: read {}+{}", self.file.path.display(), offset, buf.len()), &e))
+        for (s, o, l, at) in self.files.split(offset, buf.len() as u64) {
+            s.file
+                .file
+                .read_exact_at(&mut buf[at..at + l as usize], o)
+                .map_err(|e| Error::from_io(format!("{}: read {o}+{l}", s.file.path.display()), &e))?;
+        }
+        Ok(())
     }
     fn can_write(&self) -> Result<bool> {
-        Ok(self.file.writable)
+        Ok(self.files.writable)
     }
     fn can_multi_conn(&self) -> Result<bool> {
-        // One descriptor shared by all connections: a flush on any of them
-        // covers every write.
+        // One descriptor per file shared by all connections: a flush on
+        // any of them covers every write.
         Ok(true)
     }
     fn can_fua(&self) -> Result<Support> {
         Ok(Support::Emulate)
     }
     fn can_extents(&self) -> Result<bool> {
-        Ok(!self.file.is_block_device)
+        Ok(self.files.segs.iter().all(|s| !s.file.is_block_device))
     }
 }
 
 impl Pwrite for FileHandle {
     fn pwrite(&self, buf: &[u8], offset: u64, _flags: Flags) -> Result<()> {
-        self.file
-            .file
-            .write_all_at(buf, offset)
-            .map_err(|e| Error::from_io(format!("{}: write {}+{}", self.file.path.display(), offset, buf.len()), &e))
+        for (s, o, l, at) in self.files.split(offset, buf.len() as u64) {
+            s.file
+                .file
+                .write_all_at(&buf[at..at + l as usize], o)
+                .map_err(|e| Error::from_io(format!("{}: write {o}+{l}", s.file.path.display()), &e))?;
+        }
+        Ok(())
     }
 }
 
 impl Flush for FileHandle {
     fn flush(&self, _flags: Flags) -> Result<()> {
-        self.file.file.sync_data().map_err(|e| Error::from_io(format!("{}: fdatasync", self.file.path.display()), &e))
+        for s in &self.files.segs {
+            s.file.file.sync_data().map_err(|e| Error::from_io(format!("{}: fdatasync", s.file.path.display()), &e))?;
+        }
+        Ok(())
     }
 }
 
 impl Trim for FileHandle {
     fn trim(&self, count: u64, offset: u64, _flags: Flags) -> Result<()> {
-        // Trim is advisory: a filesystem that cannot punch holes just keeps
-        // the data, which is a correct (if unhelpful) answer.
-        match self.file.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, count) {
-            Ok(()) | Err(libc::EOPNOTSUPP) => Ok(()),
-            Err(errno) => Err(Error::new(errno, format!("{}: punch hole {offset}+{count}", self.file.path.display()))),
+        for (s, o, l, _) in self.files.split(offset, count) {
+            // Trim is advisory: a filesystem that cannot punch holes just
+            // keeps the data, which is a correct (if unhelpful) answer.
+            match s.file.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, o, l) {
+                Ok(()) | Err(libc::EOPNOTSUPP) => {}
+                Err(errno) => return Err(Error::new(errno, format!("{}: punch hole {o}+{l}", s.file.path.display()))),
+            }
         }
+        Ok(())
     }
 }
 
@@ -188,49 +294,47 @@ impl Zero for FileHandle {
         } else {
             &[libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE]
         };
-        for &mode in attempts {
-            match self.file.fallocate(mode, offset, count) {
-                Ok(()) => return Ok(()),
-                Err(libc::EOPNOTSUPP) | Err(libc::ENODEV) | Err(libc::EINVAL) => continue,
-                Err(errno) => {
-                    return Err(Error::new(errno, format!("{}: zero {offset}+{count}", self.file.path.display())))
+        'pieces: for (s, o, l, _) in self.files.split(offset, count) {
+            for &mode in attempts {
+                match s.file.fallocate(mode, o, l) {
+                    Ok(()) => continue 'pieces,
+                    Err(libc::EOPNOTSUPP) | Err(libc::ENODEV) | Err(libc::EINVAL) => continue,
+                    Err(errno) => return Err(Error::new(errno, format!("{}: zero {o}+{l}", s.file.path.display()))),
                 }
             }
+            // Not cheap here: the host writes zeros (or fails a fast-zero
+            // request). Pieces already zeroed stay zeroed, which is fine.
+            return Err(Error::unsupported("filesystem cannot zero ranges efficiently"));
         }
-        // Not cheap here: the host writes zeros (or fails a fast-zero request).
-        Err(Error::unsupported("filesystem cannot zero ranges efficiently"))
+        Ok(())
     }
 }
 
 impl Extents for FileHandle {
     fn extents(&self, count: u64, offset: u64, flags: Flags, out: &mut ExtentList<'_>) -> Result<()> {
-        let end = offset + count;
-        let mut pos = offset;
-        while pos < end {
-            // Where does the data at or after `pos` start?
-            let data = self.file.seek(pos, libc::SEEK_DATA);
-            match data {
-                None => {
-                    // ENXIO: nothing but hole to the end of file. Any other
-                    // failure: we simply do not know, report data.
-                    let errno = std::io::Error::last_os_error().raw_os_error();
-                    let f = if errno == Some(libc::ENXIO) { EXTENT_HOLE | EXTENT_ZERO } else { 0 };
-                    return out.add(pos, end - pos, f);
+        for (s, o, l, _) in self.files.split(offset, count) {
+            let end = o + l;
+            let mut pos = o;
+            while pos < end {
+                let (len, f) = match s.file.seek(pos, libc::SEEK_DATA) {
+                    None => {
+                        // ENXIO: nothing but hole to the end of the file. Any
+                        // other failure: we do not know, report data.
+                        let errno = std::io::Error::last_os_error().raw_os_error();
+                        let f = if errno == Some(libc::ENXIO) { EXTENT_HOLE | EXTENT_ZERO } else { 0 };
+                        (end - pos, f)
+                    }
+                    Some(d) if d > pos => (d.min(end) - pos, EXTENT_HOLE | EXTENT_ZERO),
+                    Some(_) => {
+                        let hole = s.file.seek(pos, libc::SEEK_HOLE).unwrap_or(end);
+                        (hole.min(end).max(pos + 1) - pos, 0)
+                    }
+                };
+                out.add(s.start + pos, len, f)?;
+                pos += len;
+                if flags.req_one() {
+                    return Ok(());
                 }
-                Some(d) if d > pos => {
-                    let hole_end = d.min(end);
-                    out.add(pos, hole_end - pos, EXTENT_HOLE | EXTENT_ZERO)?;
-                    pos = hole_end;
-                }
-                Some(_) => {
-                    let hole = self.file.seek(pos, libc::SEEK_HOLE).unwrap_or(end);
-                    let data_end = hole.min(end).max(pos + 1);
-                    out.add(pos, data_end - pos, 0)?;
-                    pos = data_end;
-                }
-            }
-            if flags.req_one() {
-                break;
             }
         }
         Ok(())
@@ -239,10 +343,10 @@ impl Extents for FileHandle {
 
 impl Cache for FileHandle {
     fn cache(&self, count: u64, offset: u64, _flags: Flags) -> Result<()> {
-        // SAFETY: advisory call on our own descriptor with integer arguments.
-        unsafe {
-            libc::posix_fadvise(self.file.file.as_raw_fd(), offset as i64, count as i64, libc::POSIX_FADV_WILLNEED)
-        };
+        for (s, o, l, _) in self.files.split(offset, count) {
+            // SAFETY: advisory call on our own descriptor with integer arguments.
+            unsafe { libc::posix_fadvise(s.file.file.as_raw_fd(), o as i64, l as i64, libc::POSIX_FADV_WILLNEED) };
+        }
         Ok(())
     }
 }
