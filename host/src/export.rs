@@ -242,6 +242,19 @@ fn open_stack(
     CheckedLayer::new(inner, readonly, lock, name)
 }
 
+/// What a reload did.
+#[derive(Debug, Default)]
+pub struct ReloadSummary {
+    /// Unchanged exports (still the same instance).
+    pub kept: Vec<String>,
+    /// New exports.
+    pub added: Vec<String>,
+    /// Exports whose snippet changed (new connections get the new one).
+    pub changed: Vec<String>,
+    /// Exports that take no new connections.
+    pub removed: Vec<String>,
+}
+
 /// The exports a server offers, and which one the empty name means.
 #[derive(Default)]
 pub struct ExportSet {
@@ -277,6 +290,51 @@ impl ExportSet {
         }
         if errors.is_empty() {
             Ok(ExportSet { exports, default })
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    /// Build the exports for a reload: an export whose snippet is unchanged
+    /// keeps its running instance (a RAM disk keeps its contents, an
+    /// overlay stays open once); new and changed snippets are built fresh
+    /// and serve new connections. Any error leaves `previous` in charge.
+    pub fn rebuild(
+        specs: &[ExportSpec],
+        plugins: &PluginDirectory,
+        default: Option<String>,
+        previous: &ExportSet,
+    ) -> Result<(ExportSet, ReloadSummary), ConfigErrors> {
+        let mut exports = BTreeMap::new();
+        let mut errors = Vec::new();
+        let mut summary = ReloadSummary::default();
+        for s in specs {
+            match previous.exports.get(&s.name) {
+                Some(old) if old.spec == *s => {
+                    exports.insert(s.name.clone(), old.clone());
+                    summary.kept.push(s.name.clone());
+                }
+                old => match Export::build(s, plugins) {
+                    Ok(e) => {
+                        if old.is_some() { &mut summary.changed } else { &mut summary.added }.push(s.name.clone());
+                        exports.insert(e.name.clone(), Arc::new(e));
+                    }
+                    Err(e) => errors.push(e),
+                },
+            }
+        }
+        summary.removed = previous.exports.keys().filter(|n| !exports.contains_key(*n)).cloned().collect();
+        if let Some(d) = &default {
+            if errors.is_empty() && !exports.contains_key(d) {
+                errors.push(ConfigError {
+                    file: "default_export".into(),
+                    line: None,
+                    message: format!("default export `{d}` is not defined by any snippet"),
+                });
+            }
+        }
+        if errors.is_empty() {
+            Ok((ExportSet { exports, default }, summary))
         } else {
             Err(ConfigErrors(errors))
         }

@@ -103,7 +103,7 @@ fn run(cli: Cli) -> Result<(), String> {
     let default_export = cli.default_export.clone().or(file.default_export.clone());
 
     let specs = config::load_snippets(&exports_dir).map_err(|e| e.to_string())?;
-    let exports = ExportSet::build(&specs, &plugins, default_export).map_err(|e| e.to_string())?;
+    let exports = ExportSet::build(&specs, &plugins, default_export.clone()).map_err(|e| e.to_string())?;
     if exports.is_empty() {
         return Err(format!("{}: no exports defined (add a *.toml snippet)", exports_dir.display()));
     }
@@ -129,11 +129,17 @@ fn run(cli: Cli) -> Result<(), String> {
         shutdown_linger: Duration::from_secs(1),
     };
     let server = Server::new(settings, exports);
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     server.start().map_err(|e| e.to_string())?;
-    if let Some(sig) = signals.forever().next() {
+    for sig in signals.forever() {
+        if sig == SIGHUP {
+            reload(&server, &exports_dir, &plugins, default_export.clone());
+            continue;
+        }
         log::info!("signal {sig} received");
+        break;
     }
     server.shutdown();
     // Destroy the exports now (their plugins' destroy callbacks run: final
@@ -142,6 +148,31 @@ fn run(cli: Cli) -> Result<(), String> {
     server.replace_exports(ExportSet::default());
     log::info!("bye");
     Ok(())
+}
+
+/// SIGHUP: re-read the exports directory. Connected clients are never
+/// dropped; a broken snippet keeps the running configuration.
+fn reload(server: &Server, dir: &std::path::Path, plugins: &PluginDirectory, default: Option<String>) {
+    log::info!("SIGHUP: reloading {}", dir.display());
+    let result =
+        config::load_snippets(dir).and_then(|specs| ExportSet::rebuild(&specs, plugins, default, &server.exports()));
+    match result {
+        Ok((exports, s)) => {
+            server.replace_exports(exports);
+            log::info!(
+                "reload done: {} kept, added [{}], changed [{}], removed [{}]",
+                s.kept.len(),
+                s.added.join(", "),
+                s.changed.join(", "),
+                s.removed.join(", ")
+            );
+        }
+        Err(e) => {
+            for line in e.to_string().lines() {
+                log::error!("reload refused, keeping the running configuration: {line}");
+            }
+        }
+    }
 }
 
 fn main() -> ExitCode {

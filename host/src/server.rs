@@ -76,7 +76,8 @@ impl Server {
         *self.exports.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(exports);
     }
 
-    fn exports(&self) -> Arc<ExportSet> {
+    /// The exports new connections see.
+    pub fn exports(&self) -> Arc<ExportSet> {
         self.exports.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 

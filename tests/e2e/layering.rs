@@ -403,3 +403,81 @@ fn layering_mistakes_are_refused_naming_file_export_and_layer() {
     let e = check("[[layer]]\nplugin = \"memory\"\nsize = [\"1M\"]\n");
     assert!(e.contains("parameter `size` takes a single value, not a list"), "{e}");
 }
+
+#[test]
+fn sighup_reload_adds_changes_and_removes_exports_without_dropping_clients() {
+    if !require_python_nbd() || !require_tool("nbdinfo") {
+        return;
+    }
+    let ex = Exports::new();
+    ex.snippet("keep", "description = \"kept\"\n[[layer]]\nplugin = \"memory\"\nsize = \"4M\"\n");
+    ex.snippet("change", "description = \"before\"\n[[layer]]\nplugin = \"memory\"\nsize = \"4M\"\n");
+    ex.snippet("gone", "[[layer]]\nplugin = \"memory\"\nsize = \"4M\"\n");
+    let srv = Server::start(&ex, &[]);
+    // A client stays connected to each export across the reloads.
+    let mut holder = std::process::Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            r#"
+import nbd, sys
+hs = {}
+for name in ["keep", "change", "gone"]:
+    h = nbd.NBD(); h.connect_uri(sys.argv[1] + name)
+    h.pwrite(name.encode() * 100, 0)
+    hs[name] = h
+print("ready", flush=True)
+sys.stdin.readline()
+for name, h in hs.items():
+    assert h.pread(len(name) * 100, 0) == name.encode() * 100, name
+print("still connected", flush=True)
+"#,
+            &format!("nbd://{}/", srv.addr),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(holder.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+
+    // A broken snippet: the running configuration stays.
+    ex.snippet("broken", "[[layer]]\nplugin = \"memory\"\nszie = \"1M\"\n");
+    srv.signal(libc::SIGHUP);
+    assert!(srv.wait_for_log("reload refused, keeping the running configuration"), "{}", srv.log());
+    assert!(srv.log().contains("broken.toml:3") && srv.log().contains("unknown parameter `szie`"), "{}", srv.log());
+    let list = run_ok("nbdinfo", &["--list", &format!("nbd://{}", srv.addr)]);
+    assert!(list.contains("gone") && !list.contains("broken"), "{list}");
+
+    // Fix it, change one, remove one.
+    std::fs::remove_file(ex.path("broken.toml")).unwrap();
+    ex.snippet("new", "description = \"added\"\n[[layer]]\nplugin = \"memory\"\nsize = \"2M\"\n");
+    ex.snippet("change", "description = \"after\"\n[[layer]]\nplugin = \"memory\"\nsize = \"8M\"\n");
+    std::fs::remove_file(ex.path("gone.toml")).unwrap();
+    srv.signal(libc::SIGHUP);
+    assert!(srv.wait_for_log("reload done: 1 kept, added [new], changed [change], removed [gone]"), "{}", srv.log());
+    let list = run_ok("nbdinfo", &["--list", "--json", &format!("nbd://{}", srv.addr)]);
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let names: Vec<&str> =
+        v["exports"].as_array().unwrap().iter().map(|e| e["export-name"].as_str().unwrap()).collect();
+    assert_eq!(names, vec!["change", "keep", "new"], "{list}");
+    let change = v["exports"].as_array().unwrap().iter().find(|e| e["export-name"] == "change").unwrap();
+    assert_eq!(change["description"], "after");
+    assert_eq!(change["export-size"], 8 * MIB as u64);
+    // The kept export is the same disk: a new client sees what the held
+    // client wrote. The removed export takes no new clients.
+    let o = python(
+        "import nbd,sys\nh=nbd.NBD()\nh.connect_uri(sys.argv[1])\nprint(h.pread(400,0)==b'keep'*100)",
+        &[&srv.uri("keep")],
+    );
+    assert_eq!(assert_ok("python", &o).trim(), "True");
+    assert!(!run("nbdinfo", &[&srv.uri("gone")]).status.success());
+    // And the clients connected all along were never dropped.
+    use std::io::Write;
+    holder.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "still connected");
+    assert!(holder.wait().unwrap().success());
+}

@@ -104,6 +104,11 @@ impl Overlay {
         let open = |p: &Path| OpenOptions::new().read(true).write(true).create(true).truncate(false).open(p);
         let data = open(path).map_err(|e| io_err(format!("opening overlay {}", path.display()), e))?;
         let mapf = open(&map_path).map_err(|e| io_err(format!("opening overlay map {}", map_path.display()), e))?;
+        // One owner at a time: two overlays (two exports, a reload, or two
+        // servers) on the same files would corrupt each other.
+        rustix::fs::flock(&mapf, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|e| {
+            OverlayError(format!("overlay {} is in use by another export or process ({e})", path.display()))
+        })?;
         let map_len = mapf.metadata().map_err(|e| io_err(map_path.display(), e))?.len();
         let states: Vec<AtomicU8> = if map_len == 0 {
             // New overlay: write the header and an all-BELOW map, durably,
