@@ -481,3 +481,85 @@ print("still connected", flush=True)
     assert_eq!(line.trim(), "still connected");
     assert!(holder.wait().unwrap().success());
 }
+
+#[test]
+fn offset_and_readonly_filters_stack_over_a_file() {
+    if !require_python_nbd() {
+        return;
+    }
+    let ex = Exports::new();
+    let base = random_bytes(8 * MIB, 55);
+    std::fs::write(ex.path("base.img"), &base).unwrap();
+    ex.snippet("win", "[[layer]]\nfilter = \"offset\"\noffset = \"1M\"\nrange = \"2M\"\n[[layer]]\nplugin = \"file\"\npath = \"base.img\"\n");
+    ex.snippet(
+        "ro",
+        "[[layer]]\nfilter = \"readonly\"\n[[layer]]\nfilter = \"offset\"\noffset = \"4M\"\n[[layer]]\nplugin = \"file\"\npath = \"base.img\"\n",
+    );
+    ex.snippet("bad", "[[layer]]\nfilter = \"offset\"\noffset = \"7M\"\nrange = \"2M\"\n[[layer]]\nplugin = \"file\"\npath = \"base.img\"\n");
+    let srv = Server::start(&ex, &[]);
+    let o = python(
+        r#"
+import nbd, sys
+M = 1 << 20
+base = open(sys.argv[2], "rb").read()
+w = nbd.NBD(); w.connect_uri(sys.argv[1] + "win")
+assert w.get_size() == 2 * M
+assert w.pread(2 * M, 0) == base[M:3 * M]
+w.pwrite(b"\x77" * 4096, 2 * M - 4096)          # last 4 KiB of the window
+w.set_strict_mode(0)
+try:
+    w.pwrite(b"\x77" * 512, 2 * M)              # just past the window
+    raise SystemExit("write past the window succeeded")
+except nbd.Error as e:
+    assert e.errno == "ENOSPC", e.errno
+w.flush()
+r = nbd.NBD(); r.set_strict_mode(0); r.connect_uri(sys.argv[1] + "ro")
+assert r.is_read_only() and r.get_size() == 4 * M
+assert r.pread(4096, 0) == base[4 * M:4 * M + 4096]
+try:
+    r.pwrite(b"x" * 512, 0)
+    raise SystemExit("write through readonly succeeded")
+except nbd.Error as e:
+    assert e.errno == "EPERM", e.errno
+print("OK")
+"#,
+        &[&format!("nbd://{}/", srv.addr), ex.path("base.img").to_str().unwrap()],
+    );
+    assert!(assert_ok("python", &o).contains("OK"));
+    let now = std::fs::read(ex.path("base.img")).unwrap();
+    assert!(now[3 * MIB - 4096..3 * MIB].iter().all(|&b| b == 0x77), "window write did not land at 1M+2M-4K");
+    assert!(now[..3 * MIB - 4096] == base[..3 * MIB - 4096] && now[3 * MIB..] == base[3 * MIB..]);
+    // A window that does not fit is refused when a client opens it.
+    let o = run("nbdinfo", &[&srv.uri("bad")]);
+    assert!(!o.status.success());
+    assert!(srv.wait_for_log("does not fit in the layer below"), "{}", srv.log());
+}
+
+#[test]
+fn cow_copy_on_read_keeps_what_was_read_even_if_the_base_changes() {
+    if !require_python_nbd() {
+        return;
+    }
+    let ex = Exports::new();
+    std::fs::write(ex.path("base.img"), vec![0x41u8; 4 * MIB]).unwrap();
+    ex.snippet(
+        "cor",
+        "[[layer]]\nfilter = \"cow\"\ncopy-on-read = true\n[[layer]]\nplugin = \"file\"\npath = \"base.img\"\n",
+    );
+    ex.snippet("plain", "[[layer]]\nfilter = \"cow\"\n[[layer]]\nplugin = \"file\"\npath = \"base.img\"\n");
+    let srv = Server::start(&ex, &[]);
+    let read = |export: &str| {
+        let o = python(
+            "import nbd,sys\nh=nbd.NBD()\nh.connect_uri(sys.argv[1])\nd=h.pread(65536, 65536)\nprint(d[0], d[-1])",
+            &[&srv.uri(export)],
+        );
+        assert_ok("python", &o).trim().to_string()
+    };
+    assert_eq!(read("cor"), "65 65");
+    assert_eq!(read("plain"), "65 65");
+    // Someone changes the base behind the server's back (cow assumes it
+    // never changes; this only shows where the data now comes from).
+    std::fs::write(ex.path("base.img"), vec![0x42u8; 4 * MIB]).unwrap();
+    assert_eq!(read("cor"), "65 65", "copy-on-read did not keep the block");
+    assert_eq!(read("plain"), "66 66", "without copy-on-read, reads come from below");
+}

@@ -266,3 +266,36 @@ fn disc_answers_every_request_in_flight_before_closing() {
     assert_eq!(cookies, vec![1, 2], "both reads answered");
     assert!(r.closed(), "connection closed after DISC");
 }
+
+#[test]
+fn random_bytes_from_many_clients_never_hurt_the_server() {
+    let ex = Exports::new();
+    mem(&ex);
+    let mut srv = Server::start(&ex, &[]);
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for round in 0..200u64 {
+        let mut r = Raw::connect(&srv.addr);
+        let _ = r.try_read(18);
+        // Sometimes a valid prefix (flags, GO) before the noise, so the
+        // noise reaches every phase.
+        if round % 3 != 0 {
+            r.send(&3u32.to_be_bytes());
+        }
+        if round % 3 == 2 {
+            r.option(7, &Raw::info_data("mem", &[]));
+            let _ = r.opt_replies();
+        }
+        let noise = random_bytes(64 + (round as usize * 37) % 4000, seed);
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(round);
+        use std::io::Write;
+        let _ = r.s.write_all(&noise);
+        let _ = r.s.shutdown(std::net::Shutdown::Write);
+        assert!(r.closed(), "round {round}: server kept a garbage connection open");
+    }
+    assert!(srv.alive(), "server died:\n{}", srv.log());
+    assert!(!srv.log().contains("panicked"), "{}", srv.log());
+    let mut ok = Raw::fixed(&srv.addr);
+    ok.go("mem");
+    ok.request(0, 1, 1, 0, 512, &[3u8; 512]);
+    assert_eq!(ok.simple_reply(), (0, 1));
+}
