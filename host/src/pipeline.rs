@@ -507,7 +507,7 @@ impl CheckedLayer {
             }
         };
         let min = self.caps.block_size.minimum as u64;
-        if min > 1 && (offset % min != 0 || (count % min != 0 && end != self.caps.size)) {
+        if min > 1 && (!offset.is_multiple_of(min) || (!count.is_multiple_of(min) && end != self.caps.size)) {
             return Err(OpError::inval(format!(
                 "{}: {what} {offset}+{count} is not aligned to the {min}-byte minimum block",
                 self.name

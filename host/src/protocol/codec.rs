@@ -13,8 +13,6 @@ pub enum FramingError {
     BadMagic { what: &'static str, got: u64 },
     /// Client flags contained bits we do not know or did not offer.
     BadClientFlags(u32),
-    /// A length exceeded what we accept (would be a DoS to read).
-    TooLong { what: &'static str, len: u64, max: u64 },
 }
 
 impl fmt::Display for FramingError {
@@ -23,9 +21,6 @@ impl fmt::Display for FramingError {
             FramingError::BadMagic { what, got } => write!(f, "bad {what} magic {got:#x}"),
             FramingError::BadClientFlags(fl) => {
                 write!(f, "unknown or unoffered client flags {fl:#x}")
-            }
-            FramingError::TooLong { what, len, max } => {
-                write!(f, "{what} length {len} exceeds limit {max}")
             }
         }
     }

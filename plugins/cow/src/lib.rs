@@ -76,7 +76,7 @@ impl Filter for Cow {
 
     fn create(p: &Params) -> Result<Self> {
         let block = p.size("blocksize")?.unwrap_or(64 * 1024);
-        if !block.is_power_of_two() || block < 4096 || block > 64 << 20 {
+        if !block.is_power_of_two() || !(4096..=64 << 20).contains(&block) {
             return Err(Error::invalid(format!("blocksize {block} must be a power of two between 4K and 64M")));
         }
         let shared = p.bool("shared")?.unwrap_or(true);
