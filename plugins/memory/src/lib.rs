@@ -86,11 +86,16 @@ impl SparseStore {
     }
 
     /// Zero a range: whole pages are freed, partial pages zeroed in place.
-    pub fn zero(&self, len: u64, offset: u64) -> Result<()> {
+    /// With `keep_allocated` (NO_HOLE) every page of the range ends up
+    /// allocated instead, so later writes there need no new memory.
+    pub fn zero(&self, len: u64, offset: u64, keep_allocated: bool) -> Result<()> {
         self.check(len, offset)?;
         for (page, at, n, _) in Self::pieces(offset, len) {
             let mut shard = self.shard(page).write().unwrap_or_else(|e| e.into_inner());
-            if n as u64 == PAGE {
+            if keep_allocated {
+                let p = shard.entry(page).or_insert_with(|| vec![0u8; PAGE as usize].into_boxed_slice());
+                p[at..at + n].fill(0);
+            } else if n as u64 == PAGE {
                 shard.remove(&page);
             } else if let Some(p) = shard.get_mut(&page) {
                 p[at..at + n].fill(0);
@@ -205,16 +210,16 @@ impl Flush for MemoryHandle {
 
 impl Trim for MemoryHandle {
     fn trim(&self, count: u64, offset: u64, _flags: Flags) -> Result<()> {
-        self.store.zero(count, offset)
+        self.store.zero(count, offset, false)
     }
 }
 
 impl Zero for MemoryHandle {
-    fn zero(&self, count: u64, offset: u64, _flags: Flags) -> Result<()> {
+    fn zero(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
         // Freeing or zeroing pages is always cheaper than writing zeros, so
-        // fast-zero requests succeed. NO_HOLE (no MAY_TRIM) is honoured too:
-        // a freed page is "allocated" in the sense that matters for RAM.
-        self.store.zero(count, offset)
+        // fast-zero requests succeed. Without MAY_TRIM (the client's
+        // NO_HOLE) the pages stay allocated.
+        self.store.zero(count, offset, !flags.may_trim())
     }
 }
 
@@ -248,10 +253,12 @@ mod tests {
         s.read(&mut back, 30000).unwrap();
         assert_eq!(back, data);
         assert_eq!(s.allocated_bytes(), 4 * PAGE);
-        s.zero(70000, 30000).unwrap();
+        s.zero(70000, 30000, false).unwrap();
         s.read(&mut back, 30000).unwrap();
         assert!(back.iter().all(|&b| b == 0));
         assert_eq!(s.allocated_bytes(), 0, "fully zeroed pages are freed");
+        s.zero(PAGE, 0, true).unwrap();
+        assert_eq!(s.allocated_bytes(), PAGE, "NO_HOLE zeroing keeps the range allocated");
     }
 
     #[test]
@@ -307,7 +314,7 @@ mod tests {
                         }
                         Op::Zero(o, l) => {
                             let fits = o + l <= SIZE;
-                            prop_assert_eq!(store.zero(l, o).is_ok(), fits);
+                            prop_assert_eq!(store.zero(l, o, l % 2 == 0).is_ok(), fits);
                             if fits {
                                 model[o as usize..(o + l) as usize].fill(0);
                             }
