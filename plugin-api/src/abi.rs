@@ -3,7 +3,13 @@
 //! Everything in this module is `#[repr(C)]` and is the contract between the
 //! host and a plugin shared object. A plugin exports exactly one symbol,
 //! [`ENTRY_POINT`], of type [`EntryPoint`]. The host calls it once with a
-//! [`HostApi`] table and receives a [`PluginTable`].
+//! [`HostApi`] table and receives a [`PluginTable`] (or a [`FilterTable`]).
+//!
+//! The same definitions exist in C in `include/nbdhost-plugin.h` (struct
+//! `nbdhost_host_api`, `nbdhost_plugin_table`, ..., constants prefixed with
+//! `NBDHOST_`); `tests/c_header.rs` compiles the header and checks every
+//! size, offset and constant against this module. `docs/plugin-abi.md`
+//! expands on the rules below, with the tests that hold the host to them.
 //!
 //! # Compatibility rules (what may change between versions)
 //!
@@ -332,6 +338,10 @@ pub struct NextOps {
 }
 
 /// `which` values for [`NextOps::can`], named after the plugin callbacks.
+/// The answers are what a filter can count on from above the host's checks
+/// for the layer below: FUA, zeroing and cache answer as supported when the
+/// host emulates them. An unknown value fails with `EINVAL`; a filter
+/// asking for a capability added in a later minor treats that as "no".
 pub const CAN_WRITE: u32 = 1;
 /// See [`CAN_WRITE`].
 pub const CAN_FLUSH: u32 = 2;
@@ -339,8 +349,9 @@ pub const CAN_FLUSH: u32 = 2;
 pub const CAN_ROTATIONAL: u32 = 3;
 /// See [`CAN_WRITE`].
 pub const CAN_TRIM: u32 = 4;
-/// See [`CAN_WRITE`]. Answers 1 only for native zeroing (the host
-/// emulates zeroing with writes otherwise).
+/// See [`CAN_WRITE`]. Answers 1 whenever the layer below is writable: the
+/// host's checks for that layer emulate zeroing with writes where it cannot
+/// zero natively.
 pub const CAN_ZERO: u32 = 5;
 /// See [`CAN_WRITE`].
 pub const CAN_FAST_ZERO: u32 = 6;

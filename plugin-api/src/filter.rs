@@ -143,66 +143,91 @@ pub trait Filter: Sized + Send + Sync + 'static {
 }
 
 /// A filter's per-connection handle. Every method defaults to passing the
-/// call to [`FilterConnection::next`] unchanged.
-#[allow(missing_docs)]
+/// call to [`FilterConnection::next`] unchanged, so a filter overrides only
+/// what it changes. The host checks every request against *this* layer's
+/// answers (size, capabilities, block sizes) before calling, and checks the
+/// filter's calls to [`Next`] against the layer below.
 pub trait FilterConnection: Send + Sync + 'static {
     /// The layer calls pass through to by default.
     fn next(&self) -> &Next;
 
+    /// Size this layer presents (default: the size below).
     fn get_size(&self) -> Result<u64> {
         self.next().get_size()
     }
+    /// Block-size constraints this layer presents (default: those below).
     fn block_size(&self) -> Result<Option<BlockSize>> {
         self.next().block_size().map(Some)
     }
+    /// Writable? (default: as below).
     fn can_write(&self) -> Result<bool> {
         self.next().can_bool(abi::CAN_WRITE)
     }
+    /// Flush supported? (default: as below).
     fn can_flush(&self) -> Result<bool> {
         self.next().can_bool(abi::CAN_FLUSH)
     }
+    /// Rotational media? (default: as below).
     fn is_rotational(&self) -> Result<bool> {
         self.next().can_bool(abi::CAN_ROTATIONAL)
     }
+    /// Trim supported? (default: as below).
     fn can_trim(&self) -> Result<bool> {
         self.next().can_bool(abi::CAN_TRIM)
     }
+    /// Native zeroing through [`FilterConnection::zero`]? Answer `false` to
+    /// make the host zero by writing zeros through
+    /// [`FilterConnection::pwrite`] (default: as below).
     fn can_zero(&self) -> Result<bool> {
         self.next().can_bool(abi::CAN_ZERO)
     }
+    /// Can zeroing be fast? (default: as below).
     fn can_fast_zero(&self) -> Result<bool> {
         self.next().can_bool(abi::CAN_FAST_ZERO)
     }
+    /// FUA support (default: as below).
     fn can_fua(&self) -> Result<Support> {
         self.next().can_support(abi::CAN_FUA)
     }
+    /// Consistent across connections? (default: as below).
     fn can_multi_conn(&self) -> Result<bool> {
         self.next().can_bool(abi::CAN_MULTI_CONN)
     }
+    /// Are [`FilterConnection::extents`] meaningful? Answer `false` to make
+    /// the host report everything as data (default: as below).
     fn can_extents(&self) -> Result<bool> {
         self.next().can_bool(abi::CAN_EXTENTS)
     }
+    /// Cache support (default: as below).
     fn can_cache(&self) -> Result<Support> {
         self.next().can_support(abi::CAN_CACHE)
     }
+    /// Read `buf.len()` bytes at `offset` (default: read below).
     fn pread(&self, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
         self.next().pread(buf, offset, flags)
     }
+    /// Write `buf` at `offset` (default: write below).
     fn pwrite(&self, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
         self.next().pwrite(buf, offset, flags)
     }
+    /// Flush (default: flush below).
     fn flush(&self, flags: Flags) -> Result<()> {
         self.next().flush(flags)
     }
+    /// Trim (default: trim below).
     fn trim(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
         self.next().trim(count, offset, flags)
     }
+    /// Zero (default: zero below).
     fn zero(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
         self.next().zero(count, offset, flags)
     }
+    /// Report extents of `[offset, offset+count)` in this layer's offsets
+    /// (default: those below, unchanged).
     fn extents(&self, count: u64, offset: u64, flags: Flags, out: &mut ExtentList<'_>) -> Result<()> {
         self.next().extents(count, offset, flags, out)
     }
+    /// Cache (default: cache below).
     fn cache(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
         self.next().cache(count, offset, flags)
     }

@@ -1,9 +1,10 @@
 //! # nbdhost plugin API
 //!
 //! Plugins for the nbdhost NBD server are shared objects loaded at run time.
-//! The contract between host and plugin is the C ABI in [`abi`]; it is
-//! versioned and size-prefixed so a plugin keeps working across host releases
-//! without being rebuilt.
+//! The contract between host and plugin is the C ABI in [`abi`] (also
+//! shipped as a C header, `include/nbdhost-plugin.h`); it is versioned and
+//! size-prefixed so a plugin keeps working across host releases without
+//! being rebuilt.
 //!
 //! Rust authors do not touch the C ABI directly: implement [`Backend`] for a
 //! per-export type, [`Connection`] for its per-connection handle, and any of
@@ -11,13 +12,70 @@
 //! [`Extents`], [`Cache`]), then call [`export_backend!`]. The macro fills
 //! exactly the callbacks the handle type implements and wraps each one so
 //! that a panic becomes an `EIO` for that request instead of unwinding into
-//! the host.
+//! the host. A filter implements [`Filter`] and [`FilterConnection`] and
+//! calls [`export_filter!`].
 //!
-//! ```text
-//! struct Zeros { size: u64 }
-//! impl Backend for Zeros { ... }
-//! nbdhost_plugin_api::export_backend!(Zeros);
+//! A complete backend (build it as a `cdylib`):
+//!
 //! ```
+//! use nbdhost_plugin_api::abi::ParamSpec;
+//! use nbdhost_plugin_api::{export_backend, param, Backend, Connection, Flags, OpenContext, ParamKind, Params, Result};
+//! use std::ffi::CStr;
+//!
+//! /// A disk that reads as zeros.
+//! pub struct Zeros(u64);
+//!
+//! impl Backend for Zeros {
+//!     type Handle = Zeros;
+//!     const NAME: &'static CStr = c"zeros";
+//!     const VERSION: &'static CStr = c"1.0";
+//!     const DESCRIPTION: &'static CStr = c"a disk of zeros";
+//!     const PARAMS: &'static [ParamSpec] = &[param(c"size", ParamKind::Size, false, Some(c"1M"), c"disk size")];
+//!
+//!     fn create(params: &Params) -> Result<Self> {
+//!         Ok(Zeros(params.size("size")?.unwrap_or(1 << 20)))
+//!     }
+//!     fn open(&self, _ctx: &OpenContext) -> Result<Zeros> {
+//!         Ok(Zeros(self.0))
+//!     }
+//! }
+//!
+//! impl Connection for Zeros {
+//!     fn get_size(&self) -> Result<u64> {
+//!         Ok(self.0)
+//!     }
+//!     fn pread(&self, buf: &mut [u8], _offset: u64, _flags: Flags) -> Result<()> {
+//!         buf.fill(0);
+//!         Ok(())
+//!     }
+//! }
+//!
+//! export_backend!(Zeros);
+//! # fn main() {}
+//! ```
+//!
+//! # Lifecycle
+//!
+//! The host loads a plugin once (calling its entry point), calls
+//! [`Backend::create`] once per export that uses it with validated
+//! parameters, [`Backend::open`] once per client connection (the handle is
+//! dropped when the connection ends), and drops the per-export value after
+//! its last handle, when the export goes away. Libraries are never
+//! unloaded.
+//!
+//! # Errors and threads
+//!
+//! Operations return [`Result`]; an [`Error`] is an errno plus a message
+//! that reaches the client (NBD structured error chunk) and the server log.
+//! A panic fails only the request that panicked, with `EIO`. The host
+//! enforces [`Backend::THREAD_MODEL`]; types must be `Send + Sync` whatever
+//! the model.
+//!
+//! # More
+//!
+//! `docs/writing-plugins.md` in the nbdhost repository takes a new author
+//! from `cargo new` to a served backend and filter, in Rust and in C;
+//! `docs/plugin-abi.md` states what may change between ABI versions.
 
 #![warn(missing_docs)]
 
