@@ -99,6 +99,22 @@ pub struct MainConfig {
     pub max_connections: Option<usize>,
     /// Plugins whose debug messages are shown.
     pub plugin_debug: Option<Vec<String>>,
+    /// TLS mode: off, on or require.
+    pub tls: Option<String>,
+    /// Directory with ca-cert.pem, server-cert.pem, server-key.pem, ca-crl.pem.
+    pub tls_certificates: Option<PathBuf>,
+    /// Server certificate chain (PEM).
+    pub tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates client certificates are checked against (PEM).
+    pub tls_ca: Option<PathBuf>,
+    /// Certificate revocation list(s) (PEM).
+    pub tls_crl: Option<PathBuf>,
+    /// Require and verify client certificates.
+    pub tls_verify_peer: Option<bool>,
+    /// TLS-PSK key file (refused: rustls has no external PSK support).
+    pub tls_psk: Option<PathBuf>,
 }
 
 impl MainConfig {
@@ -122,6 +138,13 @@ impl MainConfig {
         }
         if let Some(d) = c.unix.as_mut() {
             fix(d);
+        }
+        for d in
+            [&mut c.tls_certificates, &mut c.tls_cert, &mut c.tls_key, &mut c.tls_ca, &mut c.tls_crl, &mut c.tls_psk]
+        {
+            if let Some(d) = d.as_mut() {
+                fix(d);
+            }
         }
         Ok(c)
     }
@@ -181,6 +204,11 @@ pub struct ExportSpec {
     pub readonly: bool,
     /// Most simultaneous connections to this export (None: no limit).
     pub max_connections: Option<usize>,
+    /// `tls = "required"`: served only to clients that did STARTTLS.
+    pub tls_required: bool,
+    /// `tls-identities`: only TLS clients whose certificate names one of
+    /// these (subject CN or a subject alternative name) may use the export.
+    pub tls_identities: Vec<String>,
     /// The snippet file.
     pub source: PathBuf,
     /// Layers, client side first; the last is the backend.
@@ -195,6 +223,9 @@ struct RawSnippet {
     #[serde(default)]
     readonly: bool,
     max_connections: Option<usize>,
+    tls: Option<toml::Spanned<String>>,
+    #[serde(rename = "tls-identities")]
+    tls_identities: Option<toml::Spanned<Vec<String>>>,
     #[serde(default)]
     layer: Vec<BTreeMap<String, toml::Spanned<toml::Value>>>,
 }
@@ -378,11 +409,39 @@ impl ExportSpec {
             .map(|t| t.into_iter().map(|(k, v)| (k, v.get_ref().clone(), line_of(text, v.span().start))).collect())
             .collect();
         let stack = StackParser { path, export: &name }.stack("", layers, None)?;
+        let tls_required = match &raw.tls {
+            None => false,
+            Some(t) => match t.get_ref().as_str() {
+                "required" => true,
+                "optional" => false,
+                other => {
+                    return Err(ConfigError::new(
+                        path,
+                        Some(line_of(text, t.span().start)),
+                        format!("key `tls`: `{other}` is not \"required\" or \"optional\""),
+                    ))
+                }
+            },
+        };
+        let tls_identities = match raw.tls_identities {
+            None => Vec::new(),
+            Some(ids) if ids.get_ref().is_empty() || ids.get_ref().iter().any(|i| i.is_empty()) => {
+                return Err(ConfigError::new(
+                    path,
+                    Some(line_of(text, ids.span().start)),
+                    "key `tls-identities`: list the client identities (certificate CN or SAN) allowed, none empty; \
+                     remove the key to allow every client",
+                ))
+            }
+            Some(ids) => ids.into_inner(),
+        };
         Ok(ExportSpec {
             name,
             description: raw.description.unwrap_or_default(),
             readonly: raw.readonly,
             max_connections: raw.max_connections,
+            tls_required,
+            tls_identities,
             source: path.to_path_buf(),
             stack,
         })
@@ -606,5 +665,24 @@ plugin = "concat"
         assert_eq!(s.name, "");
         assert!(s.readonly);
         assert_eq!(s.stack[0].params[1].value, "false");
+    }
+
+    #[test]
+    fn tls_keys() {
+        let s = parse(
+            "tls = \"required\"\ntls-identities = [\"alice\", \"bob.example\"]\n[[layer]]\nplugin = \"memory\"\n",
+        )
+        .unwrap();
+        assert!(s.tls_required);
+        assert_eq!(s.tls_identities, vec!["alice".to_string(), "bob.example".to_string()]);
+        let s = parse("tls = \"optional\"\n[[layer]]\nplugin = \"memory\"\n").unwrap();
+        assert!(!s.tls_required && s.tls_identities.is_empty());
+        let e = parse("readonly = true\ntls = \"yes\"\n[[layer]]\nplugin = \"memory\"\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(e.message.contains("key `tls`"), "{e}");
+        let e = parse("tls-identities = []\n[[layer]]\nplugin = \"memory\"\n").unwrap_err();
+        assert!(e.message.contains("tls-identities"), "{e}");
+        let e = parse("tls_identities = [\"a\"]\n[[layer]]\nplugin = \"memory\"\n").unwrap_err();
+        assert!(e.message.contains("tls_identities"), "{e}");
     }
 }

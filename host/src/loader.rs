@@ -79,13 +79,20 @@ unsafe extern "C" fn host_log(ctx: *mut c_void, level: u32, msg: *const u8, len:
         // SAFETY: `ctx` is the `HostCtx` we created for this plugin, alive as
         // long as the (never unloaded) plugin; `msg` has `len` bytes.
         let (ctx, msg) = unsafe { (&*(ctx as *const HostCtx), std::slice::from_raw_parts(msg, len)) };
+        let msg = String::from_utf8_lossy(msg);
         let level = match level {
             abi::LOG_ERROR => log::Level::Error,
             abi::LOG_WARN => log::Level::Warn,
             abi::LOG_INFO => log::Level::Info,
+            // `--plugin-debug NAME` shows this plugin's debug messages
+            // whatever the host's own log level is.
+            _ if ctx.debug => {
+                log::info!(target: "plugin", "[{}] debug: {msg}", ctx.name);
+                return;
+            }
             _ => log::Level::Debug,
         };
-        log::log!(target: "plugin", level, "[{}] {}", ctx.name, String::from_utf8_lossy(msg));
+        log::log!(target: "plugin", level, "[{}] {msg}", ctx.name);
     });
 }
 
@@ -427,6 +434,37 @@ impl LoadedPlugin {
         }
     }
 
+    /// Names of the per-handle callbacks present in the plugin's table, in
+    /// table order (`get_size`, `can_write`, `pread`, ...). Absent ones are
+    /// what the host falls back for (or, in a filter, passes through).
+    pub fn callbacks(&self) -> Vec<&'static str> {
+        let t = &self.ops;
+        [
+            ("get_size", t.get_size.is_some()),
+            ("block_size", t.block_size.is_some()),
+            ("can_write", t.can_write.is_some()),
+            ("can_flush", t.can_flush.is_some()),
+            ("is_rotational", t.is_rotational.is_some()),
+            ("can_trim", t.can_trim.is_some()),
+            ("can_zero", t.can_zero.is_some()),
+            ("can_fast_zero", t.can_fast_zero.is_some()),
+            ("can_fua", t.can_fua.is_some()),
+            ("can_multi_conn", t.can_multi_conn.is_some()),
+            ("can_extents", t.can_extents.is_some()),
+            ("can_cache", t.can_cache.is_some()),
+            ("pread", t.pread.is_some()),
+            ("pwrite", t.pwrite.is_some()),
+            ("flush", t.flush.is_some()),
+            ("trim", t.trim.is_some()),
+            ("zero", t.zero.is_some()),
+            ("extents", t.extents.is_some()),
+            ("cache", t.cache.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, present)| present.then_some(name))
+        .collect()
+    }
+
     /// Create per-export state from validated, normalised parameters.
     pub fn create(self: &Arc<Self>, params: &[(String, String)]) -> Result<Arc<PluginInstance>, PluginError> {
         let owned: Vec<(CString, CString)> = params
@@ -480,11 +518,6 @@ pub struct OpenRequest<'a> {
 }
 
 impl PluginInstance {
-    /// The plugin behind this instance.
-    pub fn plugin(&self) -> &Arc<LoadedPlugin> {
-        &self.plugin
-    }
-
     fn open_info(req: &OpenRequest<'_>) -> OpenInfo {
         OpenInfo {
             struct_size: std::mem::size_of::<OpenInfo>() as u32,

@@ -5,8 +5,10 @@ mod error;
 mod export;
 mod loader;
 mod pipeline;
+mod plugins_cmd;
 mod protocol;
 mod server;
+mod tls;
 mod transport;
 
 use clap::Parser;
@@ -34,7 +36,7 @@ struct Cli {
     unix: Option<PathBuf>,
     /// Directory to find plugins in (repeatable; searched in order).
     /// Default: the directory holding the nbdhost executable.
-    #[arg(short = 'P', long = "plugin-dir", value_name = "DIR")]
+    #[arg(short = 'P', long = "plugin-dir", value_name = "DIR", global = true)]
     plugin_dir: Vec<PathBuf>,
     /// Directory of export snippets (*.toml). Default: /etc/nbdhost/exports.d
     #[arg(short = 'e', long, value_name = "DIR")]
@@ -51,12 +53,40 @@ struct Cli {
     /// Most simultaneous client connections.
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
+    /// TLS: off (default), on (STARTTLS offered; exports with
+    /// `tls = "required"` need it) or require (every client must use TLS).
+    #[arg(long, value_name = "MODE")]
+    tls: Option<String>,
+    /// TLS certificate directory: ca-cert.pem, server-cert.pem,
+    /// server-key.pem and optionally ca-crl.pem (the nbdkit/libnbd layout).
+    #[arg(long, value_name = "DIR")]
+    tls_certificates: Option<PathBuf>,
+    /// Server certificate chain (PEM), instead of the directory's.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// Server private key (PEM), instead of the directory's.
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// CA certificate(s) client certificates must chain to (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Certificate revocation list(s) (PEM), instead of the directory's.
+    #[arg(long, value_name = "FILE")]
+    tls_crl: Option<PathBuf>,
+    /// Require client certificates signed by the CA (mutual TLS).
+    #[arg(long)]
+    tls_verify_peer: bool,
+    /// TLS-PSK key file: not supported (rustls has no external PSK); refused.
+    #[arg(long, value_name = "FILE")]
+    tls_psk: Option<PathBuf>,
     /// Show debug messages of this plugin (repeatable).
     #[arg(long, value_name = "PLUGIN")]
     plugin_debug: Vec<String>,
     /// Validate the configuration (snippets, plugins, parameters) and exit.
     #[arg(long)]
     check: bool,
+    #[command(subcommand)]
+    command: Option<plugins_cmd::Command>,
 }
 
 fn default_plugin_dirs() -> Vec<PathBuf> {
@@ -100,6 +130,9 @@ fn run(cli: Cli) -> Result<(), String> {
     let mut debug = cli.plugin_debug.clone();
     debug.extend(file.plugin_debug.clone().unwrap_or_default());
     let plugins = PluginDirectory::new(plugin_dirs, debug);
+    if let Some(plugins_cmd::Command::Plugins { name }) = &cli.command {
+        return plugins_cmd::run(name.as_deref(), &plugins);
+    }
     let default_export = cli.default_export.clone().or(file.default_export.clone());
 
     let specs = config::load_snippets(&exports_dir).map_err(|e| e.to_string())?;
@@ -110,6 +143,18 @@ fn run(cli: Cli) -> Result<(), String> {
     for e in exports.iter() {
         log::info!("export `{}`: {} ({})", e.name, e.describe(), e.spec.source.display());
     }
+    let tls = tls::TlsOptions {
+        mode: cli.tls.clone().or(file.tls.clone()),
+        certificates: cli.tls_certificates.clone().or(file.tls_certificates.clone()),
+        cert: cli.tls_cert.clone().or(file.tls_cert.clone()),
+        key: cli.tls_key.clone().or(file.tls_key.clone()),
+        ca: cli.tls_ca.clone().or(file.tls_ca.clone()),
+        crl: cli.tls_crl.clone().or(file.tls_crl.clone()),
+        verify_peer: cli.tls_verify_peer || file.tls_verify_peer.unwrap_or(false),
+        psk: cli.tls_psk.clone().or(file.tls_psk.clone()),
+    }
+    .build()?;
+    tls::check_exports(tls.as_deref(), &exports)?;
     if cli.check {
         println!("configuration OK: {} export(s) from {}", exports.len(), exports_dir.display());
         return Ok(());
@@ -127,6 +172,7 @@ fn run(cli: Cli) -> Result<(), String> {
         max_connections: cli.max_connections.or(file.max_connections).unwrap_or(1024),
         shutdown_grace: Duration::from_secs(10),
         shutdown_linger: Duration::from_secs(1),
+        tls,
     };
     let server = Server::new(settings, exports);
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -154,10 +200,17 @@ fn run(cli: Cli) -> Result<(), String> {
 /// dropped; a broken snippet keeps the running configuration.
 fn reload(server: &Server, dir: &std::path::Path, plugins: &PluginDirectory, default: Option<String>) {
     log::info!("SIGHUP: reloading {}", dir.display());
+    server.reload_tls();
     let result =
         config::load_snippets(dir).and_then(|specs| ExportSet::rebuild(&specs, plugins, default, &server.exports()));
     match result {
         Ok((exports, s)) => {
+            if let Err(e) = tls::check_exports(server.tls(), &exports) {
+                for line in e.lines() {
+                    log::error!("reload refused, keeping the running configuration: {line}");
+                }
+                return;
+            }
             server.replace_exports(exports);
             log::info!(
                 "reload done: {} kept, added [{}], changed [{}], removed [{}]",

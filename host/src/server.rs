@@ -3,7 +3,8 @@
 use crate::export::ExportSet;
 use crate::protocol::handshake::{self, HandshakeContext, HandshakeEnd};
 use crate::protocol::transmission::Transmission;
-use crate::transport::Stream;
+use crate::tls::TlsServer;
+use crate::transport::{Channel, Stream};
 use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -30,6 +31,8 @@ pub struct ServerSettings {
     /// they send next is answered ESHUTDOWN / ERR_SHUTDOWN (clients then
     /// disconnect cleanly) before they are closed.
     pub shutdown_linger: Duration,
+    /// TLS (None: off; STARTTLS is refused).
+    pub tls: Option<Arc<TlsServer>>,
 }
 
 /// The running server's shared state.
@@ -74,6 +77,19 @@ impl Server {
     /// the exports they opened.
     pub fn replace_exports(&self, exports: ExportSet) {
         *self.exports.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(exports);
+    }
+
+    /// The server's TLS side, if TLS is on.
+    pub fn tls(&self) -> Option<&TlsServer> {
+        self.settings.tls.as_deref()
+    }
+
+    /// SIGHUP: new TLS sessions use the certificates now on disk (a broken
+    /// file keeps the running ones).
+    pub fn reload_tls(&self) {
+        if let Some(t) = &self.settings.tls {
+            t.reload();
+        }
     }
 
     /// The exports new connections see.
@@ -167,18 +183,37 @@ impl Server {
         }
     }
 
-    fn serve_connection(&self, mut s: Stream, peer: &str, busy: &AtomicUsize) -> io::Result<()> {
+    fn serve_connection(&self, s: Stream, peer: &str, busy: &AtomicUsize) -> io::Result<()> {
         s.set_read_timeout(Some(self.settings.handshake_timeout))?;
+        // Kept for the socket options and the final shutdown whatever the
+        // channel becomes.
+        let ctl = s.try_clone()?;
+        let mut ch = Channel::Plain(s);
+        let r = self.negotiate_and_serve(&mut ch, &ctl, peer, busy);
+        let _ = ctl.shutdown(Shutdown::Both);
+        r
+    }
+
+    fn negotiate_and_serve(&self, ch: &mut Channel, ctl: &Stream, peer: &str, busy: &AtomicUsize) -> io::Result<()> {
         let exports = self.exports();
-        let ctx = HandshakeContext { exports: &exports, peer, shutting_down: &self.shutting_down };
-        let negotiated = handshake::negotiate(&mut s, &ctx);
+        let ctx = HandshakeContext { exports: &exports, peer, shutting_down: &self.shutting_down, tls: self.tls() };
+        let negotiated = handshake::negotiate(ch, &ctx);
         // The session keeps its own export; a reload must not wait for us.
         drop(exports);
+        let close_tls = |ch: &Channel| {
+            if let Channel::Tls(t) = ch {
+                t.closer().close();
+            }
+        };
         let session = match negotiated {
             Ok(Ok(session)) => session,
-            Ok(Err(HandshakeEnd::Closed)) => return Ok(()),
+            Ok(Err(HandshakeEnd::Closed)) => {
+                close_tls(ch);
+                return Ok(());
+            }
             Ok(Err(HandshakeEnd::Refused(why))) => {
                 log::warn!("{peer}: handshake refused: {why}");
+                close_tls(ch);
                 return Ok(());
             }
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
@@ -190,13 +225,25 @@ impl Server {
             }
             Err(e) => return Err(e),
         };
-        s.set_read_timeout(None)?;
-        let reader = BufReader::with_capacity(128 * 1024, s.try_clone()?);
-        let writer = BufWriter::with_capacity(128 * 1024, s.try_clone()?);
+        ctl.set_read_timeout(None)?;
         let mut t = Transmission::new(&session, peer, &self.shutting_down, busy);
-        let r = t.serve(reader, writer);
-        let _ = s.shutdown(Shutdown::Both);
-        r
+        match std::mem::replace(ch, Channel::Broken) {
+            Channel::Plain(s) => {
+                let reader = BufReader::with_capacity(128 * 1024, s.try_clone()?);
+                let writer = BufWriter::with_capacity(128 * 1024, s);
+                t.serve(reader, writer)
+            }
+            Channel::Tls(tls) => {
+                let closer = tls.closer();
+                let (r, w) = tls.split();
+                let res = t.serve(BufReader::with_capacity(128 * 1024, r), BufWriter::with_capacity(128 * 1024, w));
+                // Every reply is out (serve drained them): end the TLS
+                // session properly before the socket closes.
+                closer.close();
+                res
+            }
+            Channel::Broken => Ok(()),
+        }
     }
 
     /// Stop accepting, let requests in flight finish, and wait up to the

@@ -1,6 +1,7 @@
-//! Transports: plain TCP and Unix stream sockets behind one type. (TLS
-//! wraps this later.)
+//! Transports: plain TCP and Unix stream sockets behind one type, and the
+//! option phase's channel, which STARTTLS turns into a TLS session.
 
+use crate::tls::{TlsServer, TlsStream};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
@@ -66,6 +67,77 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.flush(),
             Stream::Unix(s) => s.flush(),
+        }
+    }
+}
+
+/// The byte stream of the option phase: plain until a STARTTLS upgrades it.
+pub enum Channel {
+    /// No TLS.
+    Plain(Stream),
+    /// After a successful STARTTLS.
+    Tls(Box<TlsStream>),
+    /// A TLS handshake failed; nothing more can be sent or received.
+    Broken,
+}
+
+impl Channel {
+    /// Is TLS up?
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Channel::Tls(_))
+    }
+
+    /// Names in the client's certificate (empty without TLS or without one).
+    pub fn peer_identities(&self) -> &[String] {
+        match self {
+            Channel::Tls(t) => t.identities(),
+            _ => &[],
+        }
+    }
+
+    /// Switch to TLS (right after the STARTTLS ACK was sent). `Ok(Err(why))`:
+    /// the handshake failed and the channel is unusable.
+    pub fn start_tls(&mut self, tls: &TlsServer) -> io::Result<Result<(), String>> {
+        let Channel::Plain(s) = std::mem::replace(self, Channel::Broken) else {
+            return Ok(Err("TLS is already active".into()));
+        };
+        match tls.accept(s)? {
+            Ok(t) => {
+                *self = Channel::Tls(Box::new(t));
+                Ok(Ok(()))
+            }
+            Err(why) => Ok(Err(why)),
+        }
+    }
+}
+
+fn broken() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "the TLS handshake failed")
+}
+
+impl Read for Channel {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Channel::Plain(s) => s.read(buf),
+            Channel::Tls(t) => t.read(buf),
+            Channel::Broken => Err(broken()),
+        }
+    }
+}
+
+impl Write for Channel {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Channel::Plain(s) => s.write(buf),
+            Channel::Tls(t) => t.write(buf),
+            Channel::Broken => Err(broken()),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Channel::Plain(s) => s.flush(),
+            Channel::Tls(t) => t.flush(),
+            Channel::Broken => Err(broken()),
         }
     }
 }

@@ -6,6 +6,8 @@ use super::codec::{self, ClientOption, InfoRequest, OptionHeader, ReplyMode};
 use super::consts::*;
 use crate::export::{Export, ExportSet, OpenExport};
 use crate::pipeline::Capabilities;
+use crate::tls::{self, TlsMode, TlsServer};
+use crate::transport::Channel;
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -74,6 +76,8 @@ pub struct HandshakeContext<'a> {
     pub peer: &'a str,
     /// Set once the server is shutting down.
     pub shutting_down: &'a AtomicBool,
+    /// The server's TLS side (None: TLS is off).
+    pub tls: Option<&'a TlsServer>,
 }
 
 /// Why the option phase ended without transmission.
@@ -122,8 +126,8 @@ pub fn transmission_flags(caps: &Capabilities, readonly: bool, mode: ReplyMode) 
     f
 }
 
-struct Negotiation<'a, S> {
-    s: &'a mut S,
+struct Negotiation<'a> {
+    s: &'a mut Channel,
     ctx: &'a HandshakeContext<'a>,
     no_zeroes: bool,
     mode: ReplyMode,
@@ -144,7 +148,7 @@ enum Incoming {
     End(HandshakeEnd),
 }
 
-impl<S: Read + Write> Negotiation<'_, S> {
+impl Negotiation<'_> {
     fn reply(&mut self, option: u32, kind: u32, payload: &[u8]) -> io::Result<()> {
         self.out.clear();
         codec::encode_option_reply(&mut self.out, option, kind, payload);
@@ -187,9 +191,16 @@ impl<S: Read + Write> Negotiation<'_, S> {
         if hdr.option == OPT_EXPORT_NAME {
             return Ok(Incoming::End(HandshakeEnd::Refused(format!("{what} (export names are at most 4096 bytes)"))));
         }
+        // FORCEDTLS: anything but ABORT and STARTTLS before TLS is answered
+        // ERR_TLS_REQD, however large.
+        let (too_big, why) = if self.tls_forced() && hdr.option != OPT_STARTTLS {
+            (REP_ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first")
+        } else {
+            (REP_ERR_TOO_BIG, "option data too large")
+        };
         if hdr.length > MAX_OPTION_DISCARD {
             if hdr.option != OPT_ABORT {
-                let _ = self.error(hdr.option, REP_ERR_TOO_BIG, "option data too large");
+                let _ = self.error(hdr.option, too_big, why);
             }
             return Ok(Incoming::End(HandshakeEnd::Refused(format!("{what} (limit {MAX_OPTION_DISCARD})"))));
         }
@@ -198,12 +209,60 @@ impl<S: Read + Write> Negotiation<'_, S> {
             let _ = self.reply(hdr.option, REP_ACK, &[]);
             return Ok(Incoming::End(HandshakeEnd::Closed));
         }
-        self.error(
-            hdr.option,
-            REP_ERR_TOO_BIG,
-            &format!("option data of {} bytes is over the {MAX_OPTION_DATA}-byte limit", hdr.length),
-        )?;
+        if too_big == REP_ERR_TLS_REQD {
+            self.error(hdr.option, too_big, why)?;
+        } else {
+            self.error(
+                hdr.option,
+                REP_ERR_TOO_BIG,
+                &format!("option data of {} bytes is over the {MAX_OPTION_DATA}-byte limit", hdr.length),
+            )?;
+        }
         Ok(Incoming::Answered)
+    }
+
+    /// FORCEDTLS and TLS not up yet: only STARTTLS and ABORT are served.
+    fn tls_forced(&self) -> bool {
+        !self.s.is_tls() && self.ctx.tls.is_some_and(|t| t.mode == TlsMode::Require)
+    }
+
+    /// Must the client do STARTTLS before using `export`?
+    fn needs_tls(&self, export: &Export) -> bool {
+        !self.s.is_tls() && tls::export_requires_tls(self.ctx.tls, export)
+    }
+
+    /// Whether this client may use `export` once TLS is settled: `Err`
+    /// explains why not (logged by the caller).
+    fn identity_check(&self, export: &Export) -> Result<(), String> {
+        tls::identity_allowed(export, self.s.peer_identities())
+    }
+
+    /// NBD_OPT_STARTTLS. `Some` ends the option phase (failed handshake).
+    fn start_tls(&mut self, option: u32) -> io::Result<Option<HandshakeEnd>> {
+        let Some(tls) = self.ctx.tls else {
+            self.error(option, REP_ERR_POLICY, "TLS is not configured on this server")?;
+            return Ok(None);
+        };
+        if self.s.is_tls() {
+            self.error(option, REP_ERR_INVALID, "TLS is already active")?;
+            return Ok(None);
+        }
+        self.reply(option, REP_ACK, &[])?;
+        if let Err(why) = self.s.start_tls(tls)? {
+            return Ok(Some(HandshakeEnd::Refused(format!("TLS handshake failed: {why}"))));
+        }
+        // Nothing negotiated in plain text survives the upgrade.
+        self.mode = ReplyMode::Simple;
+        self.meta = MetaSelection::default();
+        if let Channel::Tls(t) = &*self.s {
+            let who = if t.identities().is_empty() {
+                "no client certificate".to_string()
+            } else {
+                format!("client certificate [{}]", t.identities().join(", "))
+            };
+            log::info!("{}: TLS established ({}), {who}", self.ctx.peer, t.description());
+        }
+        Ok(None)
     }
 
     fn lookup(&self, name: &str) -> Option<Arc<Export>> {
@@ -221,6 +280,15 @@ impl<S: Read + Write> Negotiation<'_, S> {
             self.error(option, REP_ERR_UNKNOWN, &msg)?;
             return Ok(None);
         };
+        if self.needs_tls(&export) {
+            self.error(option, REP_ERR_TLS_REQD, &format!("export `{}` requires TLS (NBD_OPT_STARTTLS)", export.name))?;
+            return Ok(None);
+        }
+        if let Err(why) = self.identity_check(&export) {
+            log::warn!("{}: refused: {why}", self.ctx.peer);
+            self.error(option, REP_ERR_POLICY, &format!("export `{}`: client identity not allowed", export.name))?;
+            return Ok(None);
+        }
         if go && export.at_connection_limit() {
             self.error(option, REP_ERR_POLICY, &format!("export `{}` has reached its connection limit", export.name))?;
             return Ok(None);
@@ -275,6 +343,15 @@ impl<S: Read + Write> Negotiation<'_, S> {
         let Some(export) = self.lookup(name) else {
             return Ok(Some(Err(HandshakeEnd::Refused(format!("EXPORT_NAME for unknown export `{name}`")))));
         };
+        if self.needs_tls(&export) {
+            return Ok(Some(Err(HandshakeEnd::Refused(format!(
+                "EXPORT_NAME for export `{}` without TLS; it requires TLS",
+                export.name
+            )))));
+        }
+        if let Err(why) = self.identity_check(&export) {
+            return Ok(Some(Err(HandshakeEnd::Refused(format!("EXPORT_NAME: {why}")))));
+        }
         if export.at_connection_limit() {
             return Ok(Some(Err(HandshakeEnd::Refused(format!(
                 "export `{}` has reached its connection limit",
@@ -310,6 +387,9 @@ impl<S: Read + Write> Negotiation<'_, S> {
             .ctx
             .exports
             .iter()
+            // Plain clients do not see TLS-only exports, nor TLS clients
+            // those their certificate may not use.
+            .filter(|e| !self.needs_tls(e) && self.identity_check(e).is_ok())
             .map(|e| codec::rep_server_payload(&e.name, codec::clamp_message(&e.description)))
             .collect();
         for p in entries {
@@ -336,6 +416,14 @@ impl<S: Read + Write> Negotiation<'_, S> {
         let Some(export) = self.lookup(&req.name) else {
             return self.error(option, REP_ERR_UNKNOWN, &format!("export `{}` does not exist", req.name));
         };
+        if self.needs_tls(&export) {
+            // (ERR_TLS_REQD is only for INFO, GO and EXPORT_NAME.)
+            return self.error(
+                option,
+                REP_ERR_POLICY,
+                &format!("export `{}` requires TLS (NBD_OPT_STARTTLS)", export.name),
+            );
+        }
         let allocation = match match_queries(&req.queries, list) {
             Ok(a) => a,
             Err(msg) => return self.error(option, REP_ERR_INVALID, &msg),
@@ -370,6 +458,13 @@ impl<S: Read + Write> Negotiation<'_, S> {
             self.error(option, REP_ERR_SHUTDOWN, "server is shutting down")?;
             return Ok(None);
         }
+        if self.tls_forced() && option != OPT_STARTTLS && option != OPT_ABORT {
+            if option == OPT_EXPORT_NAME {
+                return Ok(Some(Err(HandshakeEnd::Refused("EXPORT_NAME before STARTTLS; TLS is required".into()))));
+            }
+            self.error(option, REP_ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first")?;
+            return Ok(None);
+        }
         let parsed = match codec::parse_option(option, &data) {
             Ok(p) => p,
             Err(codec::InvalidOption(msg)) => {
@@ -395,7 +490,11 @@ impl<S: Read + Write> Negotiation<'_, S> {
                 return Ok(Some(Err(HandshakeEnd::Closed)));
             }
             ClientOption::List => self.list(option)?,
-            ClientOption::StartTls => self.error(option, REP_ERR_POLICY, "TLS is not configured on this server")?,
+            ClientOption::StartTls => {
+                if let Some(end) = self.start_tls(option)? {
+                    return Ok(Some(Err(end)));
+                }
+            }
             ClientOption::Info(req) => return self.info_or_go(option, &req, false),
             ClientOption::Go(req) => return self.info_or_go(option, &req, true),
             ClientOption::StructuredReply => match self.mode {
@@ -429,7 +528,7 @@ impl<S: Read + Write> Negotiation<'_, S> {
 }
 
 /// Run the option phase on `s`.
-pub fn negotiate<S: Read + Write>(s: &mut S, ctx: &HandshakeContext<'_>) -> io::Result<Result<Session, HandshakeEnd>> {
+pub fn negotiate(s: &mut Channel, ctx: &HandshakeContext<'_>) -> io::Result<Result<Session, HandshakeEnd>> {
     s.write_all(&codec::server_greeting())?;
     s.flush()?;
     let mut flags = [0u8; 4];
