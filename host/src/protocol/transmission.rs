@@ -232,6 +232,9 @@ struct Queue {
 struct Flight {
     requests: usize,
     bytes: usize,
+    /// Threads waiting for `flight_changed` (a condvar wake-up is a
+    /// syscall even when nobody waits, so `finish` only wakes if needed).
+    waiters: usize,
 }
 
 /// What a connection shares between its reader and its workers.
@@ -340,10 +343,12 @@ impl<'a, W: Write + Send> Conn<'a, W> {
             self.admit(cost);
             // The payload is on the wire whatever we decide about the
             // request: read it to keep framing.
-            let mut payload = vec![0u8; plen as usize];
-            if let Err(e) = reader.read_exact(&mut payload) {
+            // (read_to_end fills spare capacity without zeroing it first.)
+            let mut payload = Vec::with_capacity(plen as usize);
+            let got = (&mut reader).take(plen).read_to_end(&mut payload);
+            if got.is_err() || payload.len() as u64 != plen {
                 self.finish(cost);
-                return Err(e);
+                return Err(got.err().unwrap_or_else(|| io::ErrorKind::UnexpectedEof.into()));
             }
             if req.command == CMD_DISC {
                 self.finish(cost);
@@ -358,7 +363,9 @@ impl<'a, W: Write + Send> Conn<'a, W> {
     fn admit(&self, cost: usize) {
         let mut f = self.flight.lock().unwrap_or_else(|e| e.into_inner());
         while f.requests > 0 && (f.requests >= MAX_IN_FLIGHT_REQUESTS || f.bytes + cost > MAX_IN_FLIGHT_BYTES) {
+            f.waiters += 1;
             f = self.flight_changed.wait(f).unwrap_or_else(|e| e.into_inner());
+            f.waiters -= 1;
         }
         f.requests += 1;
         f.bytes += cost;
@@ -371,27 +378,33 @@ impl<'a, W: Write + Send> Conn<'a, W> {
         f.requests -= 1;
         f.bytes -= cost;
         self.busy.store(f.requests, Ordering::SeqCst);
-        self.flight_changed.notify_all();
+        if f.waiters > 0 {
+            self.flight_changed.notify_all();
+        }
     }
 
     fn wait_idle(&self) {
         let mut f = self.flight.lock().unwrap_or_else(|e| e.into_inner());
         while f.requests > 0 {
+            f.waiters += 1;
             f = self.flight_changed.wait(f).unwrap_or_else(|e| e.into_inner());
+            f.waiters -= 1;
         }
     }
 
     // ------------------------------------------------------------ workers
 
     fn push<'s>(&'s self, job: Job, scope: &'s Scope<'s, '_>) {
-        let spawn = {
+        let (spawn, wake) = {
             let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
             q.jobs.push_back(job);
             let spawn = q.idle == 0 && q.workers < self.max_workers;
             if spawn {
                 q.workers += 1;
             }
-            spawn
+            // Busy workers pick the job up when they come back for more;
+            // only a sleeping one needs a (syscall) wake-up.
+            (spawn, q.idle > 0)
         };
         if spawn {
             let me: &'s Self = self;
@@ -412,7 +425,9 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                 return;
             }
         }
-        self.work_ready.notify_one();
+        if wake {
+            self.work_ready.notify_one();
+        }
     }
 
     fn close_queue(&self) {
