@@ -392,9 +392,26 @@ impl NextTarget for CheckedLayer {
         let fast = flags & abi::FLAG_FAST_ZERO != 0;
         CheckedLayer::zero(self, count, offset, may_trim, fast, flags & abi::FLAG_FUA != 0).map_err(below)
     }
+    /// Unlike a client's BLOCK_STATUS, a filter gets the whole range
+    /// described (unless it asked for one extent): a layer that stops short
+    /// is asked again from where it stopped, so no filter needs that loop.
     fn extents(&self, count: u64, offset: u64, flags: u32) -> Result<Vec<(u64, u32)>, PluginError> {
-        let v = CheckedLayer::extents(self, count, offset, flags & abi::FLAG_REQ_ONE != 0).map_err(below)?;
-        Ok(v.into_iter().map(|e| (e.length, e.flags)).collect())
+        let req_one = flags & abi::FLAG_REQ_ONE != 0;
+        let end = offset + count;
+        let mut out: Vec<(u64, u32)> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let v = CheckedLayer::extents(self, end - pos, pos, req_one).map_err(below)?;
+            for e in v {
+                let n = e.length.min(end - pos);
+                out.push((n, e.flags));
+                pos += n;
+            }
+            if req_one {
+                break;
+            }
+        }
+        Ok(out)
     }
     fn cache(&self, count: u64, offset: u64, _flags: u32) -> Result<(), PluginError> {
         CheckedLayer::cache(self, count, offset).map_err(below)

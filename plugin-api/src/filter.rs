@@ -97,7 +97,9 @@ impl Next {
         // SAFETY: host callback with its own ctx.
         rc(unsafe { (self.ops.zero)(self.ops.ctx, count, offset, flags.0) })
     }
-    /// Extents of the layer below, reported into `out`.
+    /// Extents of the layer below, reported into `out`. Unless `flags` asks
+    /// for one extent, the host describes the whole range (asking a layer
+    /// that stops short again), so a filter never has to loop.
     pub fn extents(&self, count: u64, offset: u64, flags: Flags, out: &mut ExtentList<'_>) -> Result<()> {
         let sink: *mut ExtentSink = out.sink;
         // SAFETY: the sink is valid for the duration of the call.

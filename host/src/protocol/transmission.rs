@@ -659,16 +659,20 @@ impl<'a, W: Write + Send> Conn<'a, W> {
             return r;
         }
         let df = req.flags & CMD_FLAG_DF != 0;
-        let segments = if !df && req.length >= SPARSE_READ_MIN && self.layer.caps().extents {
-            self.segments(&req)
+        // Most reads are one data run: keep that on the stack.
+        let whole = [(req.offset, req.length, false)];
+        let sparse;
+        let segments: &[(u64, u64, bool)] = if !df && req.length >= SPARSE_READ_MIN && self.layer.caps().extents {
+            sparse = self.segments(&req);
+            &sparse
         } else {
-            vec![(req.offset, req.length, false)]
+            &whole
         };
         let data_bytes: u64 = segments.iter().filter(|s| !s.2).map(|s| s.1).sum();
         if self.split_reads && !df && data_bytes >= SPLIT_READ_MIN {
-            return self.split_read(req, cost, &segments, scope);
+            return self.split_read(req, cost, segments, scope);
         }
-        let r = self.send_segments(&req, &segments, buf);
+        let r = self.send_segments(&req, segments, buf);
         self.finish(cost);
         r
     }

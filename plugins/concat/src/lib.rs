@@ -171,26 +171,13 @@ impl FilterConnection for ConcatHandle {
         Ok(())
     }
     fn extents(&self, count: u64, offset: u64, flags: Flags, out: &mut ExtentList<'_>) -> Result<()> {
+        // The host describes each part's whole range (see `Next`).
         for (p, o, l, _) in self.split(offset, count) {
-            let end = o + l;
-            let mut pos = o;
-            while pos < end {
-                let v = p.next.extents_vec(end - pos, pos, flags)?;
-                if v.is_empty() {
-                    out.add(p.start + pos, end - pos, 0)?;
-                    break;
-                }
-                for (eo, el, ef) in v {
-                    if eo != pos || pos >= end {
-                        break;
-                    }
-                    let n = el.min(end - pos);
-                    out.add(p.start + pos, n, ef)?;
-                    pos += n;
-                }
-                if flags.req_one() {
-                    return Ok(());
-                }
+            for (eo, el, ef) in p.next.extents_vec(l, o, flags)? {
+                out.add(p.start + eo, el, ef)?;
+            }
+            if flags.req_one() {
+                break;
             }
         }
         Ok(())

@@ -357,23 +357,9 @@ impl FilterConnection for CowHandle {
                 DATA => out.add(o, l, 0)?,
                 ZERO => out.add(o, l, EXTENT_HOLE | EXTENT_ZERO)?,
                 _ => {
-                    // Ask below for this run, as often as it takes to cover it.
-                    let end = o + l;
-                    let mut p = o;
-                    while p < end {
-                        let below = self.next.extents_vec(end - p, p, Flags::default())?;
-                        if below.is_empty() {
-                            out.add(p, end - p, 0)?;
-                            break;
-                        }
-                        for (eo, el, ef) in below {
-                            if eo != p || p >= end {
-                                break;
-                            }
-                            let n = el.min(end - p);
-                            out.add(p, n, ef)?;
-                            p += n;
-                        }
+                    // The host describes the whole run (see `Next`).
+                    for (eo, el, ef) in self.next.extents_vec(l, o, Flags::default())? {
+                        out.add(eo, el, ef)?;
                     }
                 }
             }
