@@ -6,7 +6,7 @@ use crate::protocol::transmission::Transmission;
 use crate::tls::TlsServer;
 use crate::transport::{Channel, Stream};
 use std::collections::HashMap;
-use std::io::{self, BufReader, BufWriter};
+use std::io::{self, BufReader};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -229,14 +229,16 @@ impl Server {
         let mut t = Transmission::new(&session, peer, &self.shutting_down, busy);
         match std::mem::replace(ch, Channel::Broken) {
             Channel::Plain(s) => {
+                // Replies are batched by the transmission phase: the writer
+                // is the bare socket.
                 let reader = BufReader::with_capacity(128 * 1024, s.try_clone()?);
-                let writer = BufWriter::with_capacity(128 * 1024, s);
-                t.serve(reader, writer)
+                let probe = s.try_clone()?;
+                t.serve(reader, s, Some(&probe))
             }
             Channel::Tls(tls) => {
                 let closer = tls.closer();
                 let (r, w) = tls.split();
-                let res = t.serve(BufReader::with_capacity(128 * 1024, r), BufWriter::with_capacity(128 * 1024, w));
+                let res = t.serve(BufReader::with_capacity(128 * 1024, r), w, None);
                 // Every reply is out (serve drained them): end the TLS
                 // session properly before the socket closes.
                 closer.close();

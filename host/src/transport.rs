@@ -32,6 +32,22 @@ impl Stream {
             Stream::Unix(s) => s.set_read_timeout(t),
         }
     }
+    /// Whether a read would return at once (bytes or end of stream are
+    /// waiting), found without blocking and without consuming anything.
+    pub fn readable_now(&self) -> bool {
+        use std::os::fd::AsFd;
+        let fd = match self {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
+        };
+        let mut byte = [0u8; 1];
+        match rustix::net::recv(fd, &mut byte[..], rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT) {
+            Ok(_) => true,
+            Err(e) if e == rustix::io::Errno::AGAIN || e == rustix::io::Errno::INTR => false,
+            // Let the real read report the error.
+            Err(_) => true,
+        }
+    }
     /// Shut down one or both directions.
     pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         match self {

@@ -2057,7 +2057,7 @@ fn extended_reply_offset_echoes_the_request_offset_in_every_chunk() {
     let mut c = Conn::open(&srv.addr, "mem", Mode::Extended, false);
     let base = 5 * MIB + 512;
     let mut model = scatter(&mut c, base, 4 * MIB, 8);
-    // Enough data for the read to be split into pieces.
+    // Data and holes, so the reply has several data and hole chunks.
     let d = random_bytes(2 * MIB as usize, 9);
     assert_eq!(c.write(base + MIB, &d), 0);
     model[MIB as usize..3 * MIB as usize].copy_from_slice(&d);
@@ -2065,7 +2065,7 @@ fn extended_reply_offset_echoes_the_request_offset_in_every_chunk() {
     c.send(0, CMD_READ, cookie, base, 4 * MIB, &[]);
     let rep = read_reply(&mut c.raw);
     let ch = rep.chunks();
-    assert!(ch.len() > 2, "a 4 MiB read on a parallel pipeline comes in pieces");
+    assert!(ch.len() > 2, "a 4 MiB read over scattered data comes in several chunks");
     let mut distinct = std::collections::BTreeSet::new();
     for x in ch {
         assert_eq!(x.offset, base, "chunk type {} header offset", x.kind);

@@ -140,13 +140,21 @@ print("OK")
     }
 }
 
+/// Sparse reads come back as holes around the data. On a fast layer a data
+/// run is one chunk (the cheapest for client and server); where reads are
+/// slow enough to run on workers, a large read is split into pieces read
+/// concurrently, which together cover it exactly once.
 #[test]
-fn libnbd_sees_sparse_reads_as_holes_and_large_reads_as_several_chunks() {
+fn libnbd_sees_sparse_reads_as_holes_and_slow_large_reads_as_several_chunks() {
     if !require_python_nbd() {
         return;
     }
     let ex = Exports::new();
     exports(&ex);
+    ex.snippet(
+        "slow",
+        "[[layer]]\nfilter = \"delay\"\nrdelay = \"5ms\"\n\n[[layer]]\nplugin = \"memory\"\nsize = \"64M\"\n",
+    );
     let srv = Server::start(&ex, &[]);
     let o = python(
         r#"
@@ -159,21 +167,35 @@ chunks = []
 def chunk(buf, off, status, err):
     chunks.append((off, len(buf), status))
     return 0
-# 8 MiB read: holes before and after the data, data split into pieces.
+# 8 MiB read: holes before and after the data, the data in one chunk.
 buf = h.pread_structured(8 * M, 0, chunk)
 assert buf[4 * M : 5 * M] == bytes(range(256)) * 4096
 assert buf[: 4 * M] == bytes(4 * M) and buf[5 * M :] == bytes(3 * M)
 holes = sorted((o, l) for (o, l, s) in chunks if s == nbd.READ_HOLE)
 data = sorted((o, l) for (o, l, s) in chunks if s == nbd.READ_DATA)
 assert holes == [(0, 4 * M), (5 * M, 3 * M)], holes
-assert sum(l for (_, l) in data) == M and data[0][0] == 4 * M, data
-assert len(data) == 4, ("a 1 MiB data run is read as 4 pieces of 256 KiB", data)
-# A big all-data read comes back in pieces that cover it exactly once.
-h.pwrite(b"\x11" * (8 * M), 16 * M)
+assert data == [(4 * M, M)], ("a fast layer sends a data run as one chunk", data)
+
+# Slow reads: the same layout through a delay filter is read in pieces.
+s = nbd.NBD()
+s.connect_uri(sys.argv[2])
+s.pwrite(bytes(range(256)) * 4096, 4 * M)
+s.pwrite(b"\x11" * (8 * M), 16 * M)
+for _ in range(3):
+    s.pread(4096, 0)                          # the server learns reads are slow
 chunks.clear()
-buf = h.pread_structured(8 * M, 16 * M, chunk)
+buf = s.pread_structured(8 * M, 0, chunk)
+assert buf[4 * M : 5 * M] == bytes(range(256)) * 4096
+assert buf[: 4 * M] == bytes(4 * M) and buf[5 * M :] == bytes(3 * M)
+holes = sorted((o, l) for (o, l, st) in chunks if st == nbd.READ_HOLE)
+data = sorted((o, l) for (o, l, st) in chunks if st == nbd.READ_DATA)
+assert holes == [(0, 4 * M), (5 * M, 3 * M)], holes
+assert data == [(4 * M + i * 256 * 1024, 256 * 1024) for i in range(4)], ("4 pieces of 256 KiB", data)
+# A big all-data read comes back in pieces that cover it exactly once.
+chunks.clear()
+buf = s.pread_structured(8 * M, 16 * M, chunk)
 assert buf == b"\x11" * (8 * M)
-cover = sorted((o, l) for (o, l, s) in chunks)
+cover = sorted((o, l) for (o, l, st) in chunks)
 pos = 16 * M
 for (o, l) in cover:
     assert o == pos, cover
@@ -181,7 +203,7 @@ for (o, l) in cover:
 assert pos == 24 * M and len(cover) == 32, len(cover)
 print("OK")
 "#,
-        &[&srv.uri("mem")],
+        &[&srv.uri("mem"), &srv.uri("slow")],
     );
     let out = assert_ok("python", &o);
     assert!(out.contains("OK"), "{out}");

@@ -365,15 +365,70 @@ pub enum ReplyMode {
     Extended,
 }
 
-/// Append a simple reply header.
-pub fn encode_simple_reply(out: &mut Vec<u8>, error: u32, cookie: u64) {
-    out.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-    out.extend_from_slice(&error.to_be_bytes());
-    out.extend_from_slice(&cookie.to_be_bytes());
+/// A reply or chunk header built on the stack (at most 32 bytes).
+#[derive(Clone, Copy)]
+pub struct ReplyHeader {
+    bytes: [u8; 32],
+    len: usize,
 }
 
-/// Append a structured (or extended) chunk header for a payload of
-/// `payload_len` bytes. `req_offset` is echoed only by extended headers.
+impl ReplyHeader {
+    fn new() -> Self {
+        ReplyHeader { bytes: [0; 32], len: 0 }
+    }
+
+    fn put(&mut self, b: &[u8]) {
+        self.bytes[self.len..self.len + b.len()].copy_from_slice(b);
+        self.len += b.len();
+    }
+
+    /// The header's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+/// A simple reply header.
+pub fn simple_reply(error: u32, cookie: u64) -> ReplyHeader {
+    let mut h = ReplyHeader::new();
+    h.put(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    h.put(&error.to_be_bytes());
+    h.put(&cookie.to_be_bytes());
+    h
+}
+
+/// A structured (or extended) chunk header for a payload of `payload_len`
+/// bytes. `req_offset` is echoed only by extended headers.
+pub fn chunk_header(
+    mode: ReplyMode,
+    flags: u16,
+    kind: u16,
+    cookie: u64,
+    req_offset: u64,
+    payload_len: u64,
+) -> ReplyHeader {
+    let mut h = ReplyHeader::new();
+    match mode {
+        ReplyMode::Extended => {
+            h.put(&EXTENDED_REPLY_MAGIC.to_be_bytes());
+            h.put(&flags.to_be_bytes());
+            h.put(&kind.to_be_bytes());
+            h.put(&cookie.to_be_bytes());
+            h.put(&req_offset.to_be_bytes());
+            h.put(&payload_len.to_be_bytes());
+        }
+        _ => {
+            h.put(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+            h.put(&flags.to_be_bytes());
+            h.put(&kind.to_be_bytes());
+            h.put(&cookie.to_be_bytes());
+            h.put(&(payload_len as u32).to_be_bytes());
+        }
+    }
+    h
+}
+
+/// Append a structured (or extended) chunk header; see [`chunk_header`].
 pub fn encode_chunk_header(
     out: &mut Vec<u8>,
     mode: ReplyMode,
@@ -383,23 +438,7 @@ pub fn encode_chunk_header(
     req_offset: u64,
     payload_len: u64,
 ) {
-    match mode {
-        ReplyMode::Extended => {
-            out.extend_from_slice(&EXTENDED_REPLY_MAGIC.to_be_bytes());
-            out.extend_from_slice(&flags.to_be_bytes());
-            out.extend_from_slice(&kind.to_be_bytes());
-            out.extend_from_slice(&cookie.to_be_bytes());
-            out.extend_from_slice(&req_offset.to_be_bytes());
-            out.extend_from_slice(&payload_len.to_be_bytes());
-        }
-        _ => {
-            out.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
-            out.extend_from_slice(&flags.to_be_bytes());
-            out.extend_from_slice(&kind.to_be_bytes());
-            out.extend_from_slice(&cookie.to_be_bytes());
-            out.extend_from_slice(&(payload_len as u32).to_be_bytes());
-        }
-    }
+    out.extend_from_slice(chunk_header(mode, flags, kind, cookie, req_offset, payload_len).as_bytes());
 }
 
 /// Truncate a message to the spec's string limit on a char boundary.

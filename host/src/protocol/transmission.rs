@@ -1,28 +1,39 @@
 //! The transmission phase: read requests, check them against what was
 //! negotiated, run them against the export's checked pipeline, and reply.
 //!
-//! One reader (the connection's thread) keeps reading requests while earlier
-//! ones run on worker threads, started as needed up to a limit that depends
-//! on the pipeline's thread model. Replies go out as soon as they are ready,
-//! out of order, each written whole by the [`ReplyWriter`]. Memory per
-//! connection is bounded: the reader stops reading while the requests in
-//! flight hold more than [`MAX_IN_FLIGHT_BYTES`]. On a parallel pipeline a
-//! large READ is split into pieces read concurrently and sent as separate
-//! OFFSET_DATA chunks as each completes; holes reported by the layer's
-//! extents go out as OFFSET_HOLE chunks without being read at all.
+//! The connection's thread reads requests and, as long as the layer answers
+//! quickly, runs them itself: a hand-off to another thread (a wake-up, a
+//! context switch, a lock passed back and forth) costs more than a memory or
+//! page-cache request does. Replies are built straight into one output
+//! buffer (data read by the layer lands right behind its chunk header) and
+//! go out in batches: the buffer is sent when it holds enough, and always
+//! before the thread could wait on the socket for the next request.
+//!
+//! Requests of a kind that recently took long (a slow disk, a network
+//! backend, the delay filter) go to worker threads instead, started as
+//! needed up to a limit that depends on the pipeline's thread model, so slow
+//! requests overlap. Their replies go out as soon as they are ready, out of
+//! order, each written whole by the [`ReplyWriter`]. A large READ on a worker
+//! is split into pieces read concurrently and sent as separate OFFSET_DATA
+//! chunks. Holes reported by the layer's extents go out as OFFSET_HOLE chunks
+//! without being read at all. Memory per connection is bounded: the reader
+//! stops reading while the requests in flight hold more than
+//! [`MAX_IN_FLIGHT_BYTES`].
 
 use super::codec::{self, ReplyMode, Request};
 use super::consts::*;
 use super::handshake::Session;
 use crate::error::{NbdErrno, OpError};
 use crate::pipeline::{CheckedLayer, Extent};
+use crate::transport::Stream;
 use nbdhost_plugin_api::abi::{EXTENT_HOLE, EXTENT_ZERO};
 use nbdhost_plugin_api::ThreadModel;
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::Scope;
+use std::time::Instant;
 
 /// Most bytes (payloads plus read data) the requests in flight on one
 /// connection may hold before the reader waits.
@@ -33,7 +44,7 @@ pub const MAX_IN_FLIGHT_REQUESTS: usize = 1024;
 pub const MAX_WORKERS: usize = 16;
 /// Reads at least this long consult the layer's extents for holes.
 pub const SPARSE_READ_MIN: u64 = 64 * 1024;
-/// Reads at least this long are split into pieces on a parallel pipeline.
+/// Reads at least this long are split into pieces when they run on workers.
 pub const SPLIT_READ_MIN: u64 = 1024 * 1024;
 /// Size of one piece of a split read.
 pub const SPLIT_PIECE: u64 = 256 * 1024;
@@ -41,110 +52,188 @@ pub const SPLIT_PIECE: u64 = 256 * 1024;
 pub const MAX_EXTENTS: usize = 1 << 20;
 /// Holes in sparse reads are aligned to this (the spec's SHOULD).
 const HOLE_ALIGN: u64 = 512;
+/// A kind of request runs on the connection's thread while its recent
+/// service time, beyond what moving its data costs, stays under this. A
+/// hand-off to a worker costs some 5-10 µs of CPU in wake-ups; a request
+/// that waits for a disk or a network takes far longer than this.
+pub const INLINE_MAX_NS: u64 = 100_000;
+/// Moving data is allowed this many bytes per ns (2 GB/s) before the time
+/// counts towards [`INLINE_MAX_NS`]: a 1 MiB memcpy is not a slow layer.
+const BYTES_PER_NS: u64 = 2;
+/// How long the reader looks for the next request before it sleeps.
+const SPIN_NS: u64 = 50_000;
+/// Payload buffers kept per connection for reuse.
+const POOLED_PAYLOADS: usize = 8;
+/// How long replies are held back waiting for the next request.
+const COALESCE_NS: u64 = 30_000;
+/// Replies held back for one send: at most this many bytes...
+const BATCH_BYTES: usize = 64 * 1024;
+/// ...and this many replies.
+const BATCH_REPLIES: usize = 16;
+/// Buffers larger than this are released after use rather than kept for
+/// the connection's next request.
+const RETAIN_BYTES: usize = 2 << 20;
 
-/// Serialises replies: every reply or chunk (header plus data) is written
-/// to the socket as one unbroken unit, whichever thread produced it.
-pub struct ReplyWriter<W: Write> {
-    inner: Mutex<W>,
+/// Replies being built: headers and data are written straight into one
+/// buffer that goes to the socket in a single write. The buffer stays
+/// initialised up to its high-water mark, so a layer reads into it without
+/// the buffer being zero-filled each time.
+pub struct OutBuf {
     mode: ReplyMode,
+    buf: Vec<u8>,
+    used: usize,
+    replies: usize,
 }
 
-impl<W: Write> ReplyWriter<W> {
-    /// Wrap a writer for the negotiated reply mode.
-    pub fn new(w: W, mode: ReplyMode) -> Self {
-        ReplyWriter { inner: Mutex::new(w), mode }
+impl OutBuf {
+    /// An empty buffer for replies in `mode`.
+    pub fn new(mode: ReplyMode) -> Self {
+        OutBuf { mode, buf: Vec::new(), used: 0, replies: 0 }
     }
 
-    fn send(&self, parts: &[&[u8]]) -> io::Result<()> {
-        let mut w = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        for p in parts {
-            w.write_all(p)?;
+    /// The bytes to send.
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[..self.used]
+    }
+
+    fn is_empty(&self) -> bool {
+        self.used == 0
+    }
+
+    /// Forget what was sent; release a buffer grown unusually large.
+    fn clear(&mut self) {
+        self.used = 0;
+        self.replies = 0;
+        if self.buf.len() > RETAIN_BYTES {
+            self.buf = Vec::new();
         }
-        w.flush()
     }
 
-    fn chunk(&self, req: &Request, flags: u16, kind: u16, payload_len: u64) -> Vec<u8> {
-        let mut h = Vec::with_capacity(48);
-        codec::encode_chunk_header(&mut h, self.mode, flags, kind, req.cookie, req.offset, payload_len);
-        h
+    /// `len` bytes at the end, appended (not zeroed if already initialised).
+    fn slot(&mut self, len: usize) -> &mut [u8] {
+        let start = self.used;
+        let end = start + len;
+        if self.buf.len() < end {
+            self.buf.resize(end, 0);
+        }
+        self.used = end;
+        &mut self.buf[start..end]
+    }
+
+    fn put(&mut self, b: &[u8]) {
+        self.slot(b.len()).copy_from_slice(b);
+    }
+
+    fn chunk(&mut self, req: &Request, done: bool, kind: u16, payload_len: u64) {
+        let flags = if done { REPLY_FLAG_DONE } else { 0 };
+        self.put(codec::chunk_header(self.mode, flags, kind, req.cookie, req.offset, payload_len).as_bytes());
+        if done {
+            self.replies += 1;
+        }
     }
 
     /// Success without data.
-    pub fn ok(&self, req: &Request) -> io::Result<()> {
-        let mut h = Vec::with_capacity(32);
+    pub fn ok(&mut self, req: &Request) {
         match self.mode {
-            ReplyMode::Extended => codec::encode_chunk_header(
-                &mut h,
-                self.mode,
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_NONE,
-                req.cookie,
-                req.offset,
-                0,
-            ),
-            _ => codec::encode_simple_reply(&mut h, 0, req.cookie),
+            ReplyMode::Extended => self.chunk(req, true, REPLY_TYPE_NONE, 0),
+            _ => {
+                self.put(codec::simple_reply(0, req.cookie).as_bytes());
+                self.replies += 1;
+            }
         }
-        self.send(&[&h])
     }
 
     /// The final NONE chunk of a structured reply.
-    pub fn done(&self, req: &Request) -> io::Result<()> {
-        let h = self.chunk(req, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0);
-        self.send(&[&h])
-    }
-
-    /// A whole READ reply in simple mode.
-    pub fn simple_data(&self, req: &Request, data: &[u8]) -> io::Result<()> {
-        let mut h = Vec::with_capacity(16);
-        codec::encode_simple_reply(&mut h, 0, req.cookie);
-        self.send(&[&h, data])
-    }
-
-    /// An OFFSET_DATA chunk.
-    pub fn data(&self, req: &Request, offset: u64, data: &[u8], done: bool) -> io::Result<()> {
-        let flags = if done { REPLY_FLAG_DONE } else { 0 };
-        let mut h = self.chunk(req, flags, REPLY_TYPE_OFFSET_DATA, 8 + data.len() as u64);
-        h.extend_from_slice(&offset.to_be_bytes());
-        self.send(&[&h, data])
+    pub fn done(&mut self, req: &Request) {
+        self.chunk(req, true, REPLY_TYPE_NONE, 0);
     }
 
     /// An OFFSET_HOLE chunk (`len` must fit the 32-bit size field).
-    pub fn hole(&self, req: &Request, offset: u64, len: u32, done: bool) -> io::Result<()> {
-        let flags = if done { REPLY_FLAG_DONE } else { 0 };
-        let mut h = self.chunk(req, flags, REPLY_TYPE_OFFSET_HOLE, 12);
-        h.extend_from_slice(&offset.to_be_bytes());
-        h.extend_from_slice(&len.to_be_bytes());
-        self.send(&[&h])
+    pub fn hole(&mut self, req: &Request, offset: u64, len: u32, done: bool) {
+        self.chunk(req, done, REPLY_TYPE_OFFSET_HOLE, 12);
+        self.put(&offset.to_be_bytes());
+        self.put(&len.to_be_bytes());
+    }
+
+    /// Read `len` bytes at `offset` from `layer` straight into the reply: a
+    /// simple reply in simple mode, else an OFFSET_DATA chunk. On failure
+    /// nothing is appended.
+    pub fn data(
+        &mut self,
+        layer: &CheckedLayer,
+        req: &Request,
+        offset: u64,
+        len: usize,
+        done: bool,
+    ) -> Result<(), OpError> {
+        let mark = (self.used, self.replies);
+        if self.mode == ReplyMode::Simple {
+            self.put(codec::simple_reply(0, req.cookie).as_bytes());
+            self.replies += 1;
+        } else {
+            self.chunk(req, done, REPLY_TYPE_OFFSET_DATA, 8 + len as u64);
+            self.put(&offset.to_be_bytes());
+        }
+        let r = layer.read(self.slot(len), offset);
+        if r.is_err() {
+            (self.used, self.replies) = mark;
+        }
+        r
     }
 
     /// A failed request. Structured modes carry the message (and the
     /// failing offset for ERROR_OFFSET); simple mode only the code.
-    pub fn error(&self, req: &Request, e: &OpError, at: Option<u64>, done: bool) -> io::Result<()> {
-        let mut h = Vec::with_capacity(64 + e.message.len());
+    pub fn error(&mut self, req: &Request, e: &OpError, at: Option<u64>, done: bool) {
         match self.mode {
-            ReplyMode::Simple => codec::encode_simple_reply(&mut h, e.errno.code(), req.cookie),
+            ReplyMode::Simple => {
+                self.put(codec::simple_reply(e.errno.code(), req.cookie).as_bytes());
+                self.replies += 1;
+            }
             _ => {
+                let mut h = Vec::with_capacity(64 + e.message.len());
                 let flags = if done { REPLY_FLAG_DONE } else { 0 };
-                codec::encode_error_chunk(
-                    &mut h,
-                    self.mode,
-                    flags,
-                    req.cookie,
-                    req.offset,
-                    e.errno.code(),
-                    &e.message,
-                    at,
-                )
+                let (code, msg) = (e.errno.code(), &e.message);
+                codec::encode_error_chunk(&mut h, self.mode, flags, req.cookie, req.offset, code, msg, at);
+                self.put(&h);
+                if done {
+                    self.replies += 1;
+                }
             }
         }
-        self.send(&[&h])
     }
 
     /// The block-status reply for one context.
-    pub fn block_status(&self, req: &Request, context: u32, extents: &[(u64, u32)]) -> io::Result<()> {
+    pub fn block_status(&mut self, req: &Request, context: u32, extents: &[(u64, u32)]) {
         let mut h = Vec::with_capacity(48 + 16 * extents.len());
         codec::encode_block_status(&mut h, self.mode, req.cookie, req.offset, context, extents);
-        self.send(&[&h])
+        self.put(&h);
+        self.replies += 1;
+    }
+}
+
+/// Serialises replies: whatever a thread built in its [`OutBuf`] (whole
+/// replies or whole chunks) goes to the socket as one unbroken write.
+pub struct ReplyWriter<W: Write> {
+    inner: Mutex<W>,
+}
+
+impl<W: Write> ReplyWriter<W> {
+    /// Wrap the connection's writing side.
+    pub fn new(w: W) -> Self {
+        ReplyWriter { inner: Mutex::new(w) }
+    }
+
+    /// Send everything in `out` and empty it (also when sending fails).
+    pub fn send(&self, out: &mut OutBuf) -> io::Result<()> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        let r = {
+            let mut w = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            w.write_all(out.bytes()).and_then(|()| w.flush())
+        };
+        out.clear();
+        r
     }
 }
 
@@ -205,6 +294,15 @@ fn name(cmd: u16) -> &'static str {
     }
 }
 
+/// Which service-time average a command feeds: reads, writes, the rest.
+fn kind(cmd: u16) -> usize {
+    match cmd {
+        CMD_READ => 0,
+        CMD_WRITE => 1,
+        _ => 2,
+    }
+}
+
 /// Work for a worker thread.
 enum Job {
     /// A whole request (with its payload, if any).
@@ -237,6 +335,14 @@ struct Flight {
     waiters: usize,
 }
 
+/// Requests the reader has answered into its output buffer but not yet
+/// sent: they stay in flight (and the connection busy) until they are.
+#[derive(Default)]
+struct Held {
+    requests: usize,
+    cost: usize,
+}
+
 /// What a connection shares between its reader and its workers.
 struct Conn<'a, W: Write> {
     layer: &'a CheckedLayer,
@@ -247,14 +353,73 @@ struct Conn<'a, W: Write> {
     peer: &'a str,
     shutting_down: &'a AtomicBool,
     allocation_context: Option<u32>,
-    max_workers: usize,
+    /// Requests may run on workers (the pipeline is parallel).
+    parallel: bool,
     split_reads: bool,
+    /// Recent service time of reads, writes and other commands (ns beyond
+    /// moving their data), as moving averages; see [`INLINE_MAX_NS`].
+    service_ns: [AtomicU64; 3],
     queue: Mutex<Queue>,
     work_ready: Condvar,
     flight: Mutex<Flight>,
     flight_changed: Condvar,
     /// Requests in flight, visible to the server for shutdown decisions.
     busy: &'a AtomicUsize,
+    /// The plain socket, to look for the next request without blocking.
+    probe: Option<&'a Stream>,
+    /// Payload buffers of finished worker requests, for reuse.
+    payloads: Mutex<Vec<Vec<u8>>>,
+}
+
+/// Busy-waiting for the next request, backed off after misses: a wait that
+/// finds nothing skips the next 2, 4, ... 64 waits, so a client that is
+/// idle or waits for each reply costs next to no CPU.
+#[derive(Default)]
+struct Backoff {
+    skip: u32,
+    misses: u32,
+}
+
+/// Threads busy-waiting for a request right now, server-wide.
+static SPINNING: AtomicUsize = AtomicUsize::new(0);
+
+/// At most one thread fewer than the CPUs busy-waits at once, so spinning
+/// never takes the last core from threads with work.
+fn max_spinning() -> usize {
+    static MAX: OnceLock<usize> = OnceLock::new();
+    *MAX.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)))
+}
+
+/// Wait up to `window_ns` for `probe` to become readable, yielding the CPU
+/// between looks. False if it did not (or if waiting is backed off, or
+/// enough other threads are already spinning).
+fn wait_readable(probe: &Stream, state: &mut Backoff, window_ns: u64) -> bool {
+    if state.skip > 0 {
+        state.skip -= 1;
+        return false;
+    }
+    if SPINNING.fetch_add(1, Ordering::Relaxed) >= max_spinning() {
+        SPINNING.fetch_sub(1, Ordering::Relaxed);
+        return false;
+    }
+    let start = Instant::now();
+    let found = loop {
+        if probe.readable_now() {
+            break true;
+        }
+        if start.elapsed().as_nanos() as u64 > window_ns {
+            break false;
+        }
+        std::thread::yield_now();
+    };
+    SPINNING.fetch_sub(1, Ordering::Relaxed);
+    if found {
+        state.misses = 0;
+    } else {
+        state.misses = (state.misses + 1).min(6);
+        state.skip = 1 << state.misses;
+    }
+    found
 }
 
 /// Per-connection transmission state and entry point.
@@ -273,29 +438,38 @@ impl<'a> Transmission<'a> {
     }
 
     /// Serve requests until DISC, EOF or a framing error; every request read
-    /// is answered before this returns.
-    pub fn serve<R: Read, W: Write + Send>(&mut self, reader: R, writer: W) -> io::Result<()> {
+    /// is answered before this returns. `writer` should not buffer: replies
+    /// are already batched.
+    pub fn serve<R: Read, W: Write + Send>(
+        &mut self,
+        mut reader: BufReader<R>,
+        writer: W,
+        probe: Option<&Stream>,
+    ) -> io::Result<()> {
         let s = self.session;
         let parallel = s.export.thread_model == ThreadModel::Parallel;
         let conn = Conn {
             layer: &s.open.layer,
-            writer: ReplyWriter::new(writer, s.mode),
+            writer: ReplyWriter::new(writer),
             tflags: s.tflags,
             mode: s.mode,
             export: &s.export.name,
             peer: self.peer,
             shutting_down: self.shutting_down,
             allocation_context: s.allocation_context,
-            max_workers: if parallel { MAX_WORKERS } else { 1 },
+            parallel,
             split_reads: parallel && s.mode != ReplyMode::Simple,
+            service_ns: Default::default(),
             queue: Mutex::new(Queue::default()),
             work_ready: Condvar::new(),
             flight: Mutex::new(Flight::default()),
             flight_changed: Condvar::new(),
             busy: self.busy,
+            probe,
+            payloads: Mutex::new(Vec::new()),
         };
         std::thread::scope(|scope| {
-            let r = conn.read_requests(reader, scope);
+            let r = conn.read_requests(&mut reader, scope);
             // Drain: every request read gets its reply before we close.
             conn.close_queue();
             conn.wait_idle();
@@ -307,11 +481,59 @@ impl<'a> Transmission<'a> {
 impl<'a, W: Write + Send> Conn<'a, W> {
     // ------------------------------------------------------------ reader
 
-    fn read_requests<'s, R: Read>(&'s self, mut reader: R, scope: &'s Scope<'s, '_>) -> io::Result<()> {
+    fn read_requests<'s, R: Read>(&'s self, reader: &mut BufReader<R>, scope: &'s Scope<'s, '_>) -> io::Result<()> {
+        let mut out = OutBuf::new(self.mode);
+        let mut held = Held::default();
+        let mut payload_buf = Vec::new();
+        let r = self.reader_loop(reader, &mut out, &mut held, &mut payload_buf, scope);
+        // However the loop ended, the replies it built are owed.
+        let sent = self.flush(&mut out, &mut held);
+        r.and(sent)
+    }
+
+    /// Send the reader's held replies; their requests are then done.
+    fn flush(&self, out: &mut OutBuf, held: &mut Held) -> io::Result<()> {
+        let r = self.writer.send(out);
+        if held.requests > 0 {
+            self.finish(held.requests, held.cost);
+            *held = Held::default();
+        }
+        r
+    }
+
+    fn reader_loop<'s, R: Read>(
+        &'s self,
+        reader: &mut BufReader<R>,
+        out: &mut OutBuf,
+        held: &mut Held,
+        payload_buf: &mut Vec<u8>,
+        scope: &'s Scope<'s, '_>,
+    ) -> io::Result<()> {
         let extended = self.mode == ReplyMode::Extended;
         let hlen = codec::request_header_len(extended);
         let mut hdr = [0u8; 32];
+        let (mut coalescing, mut spin) = (Backoff::default(), Backoff::default());
         loop {
+            if reader.buffer().len() < hlen {
+                // With replies held and the client pipelining, its next
+                // request is microseconds away: wait for it so the replies
+                // go out together (the client then takes them in on one
+                // wake-up). A client waiting for our reply instead makes the
+                // wait miss, and backs it off.
+                let coalesced = reader.buffer().is_empty()
+                    && !out.is_empty()
+                    && self.probe.is_some_and(|p| wait_readable(p, &mut coalescing, COALESCE_NS));
+                if !coalesced {
+                    self.flush(out, held)?;
+                    // Look for the next request a little longer before the
+                    // read that would put the thread to sleep: a sleeping
+                    // server costs the client too, whose send then has to
+                    // wake us (on loopback, in the client's own time).
+                    if let (Some(p), true) = (self.probe, reader.buffer().is_empty()) {
+                        wait_readable(p, &mut spin, SPIN_NS);
+                    }
+                }
+            }
             match reader.read_exact(&mut hdr[..hlen]) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
@@ -338,25 +560,97 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                 );
                 return Ok(());
             }
+            let plen = plen as usize;
             let read_len = if req.command == CMD_READ { req.length.min(MAX_PAYLOAD_DEFAULT as u64) } else { 0 };
-            let cost = plen as usize + read_len as usize;
+            let cost = plen + read_len as usize;
             self.admit(cost);
+            let inline = req.command != CMD_DISC && (!self.parallel || self.runs_inline(req.command));
             // The payload is on the wire whatever we decide about the
-            // request: read it to keep framing.
-            // (read_to_end fills spare capacity without zeroing it first.)
-            let mut payload = Vec::with_capacity(plen as usize);
-            let got = (&mut reader).take(plen).read_to_end(&mut payload);
-            if got.is_err() || payload.len() as u64 != plen {
-                self.finish(cost);
-                return Err(got.err().unwrap_or_else(|| io::ErrorKind::UnexpectedEof.into()));
+            // request: read it to keep framing. Run inline, a payload that
+            // is already buffered is used where it lies.
+            let buffered = reader.buffer().len() >= plen;
+            if !buffered {
+                self.flush(out, held)?;
             }
-            if req.command == CMD_DISC {
-                self.finish(cost);
-                log::debug!("{}: NBD_CMD_DISC", self.peer);
-                return Ok(());
+            if !inline {
+                // (read_to_end fills spare capacity without zeroing it.)
+                let mut payload = self.payload_buffer(plen);
+                let got = (&mut *reader).take(plen as u64).read_to_end(&mut payload);
+                if got.is_err() || payload.len() != plen {
+                    self.finish(1, cost);
+                    return Err(got.err().unwrap_or_else(|| io::ErrorKind::UnexpectedEof.into()));
+                }
+                if req.command == CMD_DISC {
+                    self.finish(1, cost);
+                    log::debug!("{}: NBD_CMD_DISC", self.peer);
+                    return Ok(());
+                }
+                self.push(Job::Request { req, payload, cost }, scope);
+                continue;
             }
-            self.push(Job::Request { req, payload, cost }, scope);
+            if buffered {
+                self.execute(&req, &reader.buffer()[..plen], cost, out, false, scope);
+                reader.consume(plen);
+            } else {
+                if payload_buf.len() < plen {
+                    payload_buf.resize(plen, 0);
+                }
+                if let Err(e) = reader.read_exact(&mut payload_buf[..plen]) {
+                    self.finish(1, cost);
+                    return Err(e);
+                }
+                self.execute(&req, &payload_buf[..plen], cost, out, false, scope);
+                if payload_buf.len() > RETAIN_BYTES {
+                    *payload_buf = Vec::new();
+                }
+            }
+            held.requests += 1;
+            held.cost += cost;
+            if out.used >= BATCH_BYTES || out.replies >= BATCH_REPLIES {
+                self.flush(out, held)?;
+            }
         }
+    }
+
+    /// An empty buffer with room for a payload of `len` bytes: a recycled
+    /// one if possible (fresh memory costs page faults on every request).
+    fn payload_buffer(&self, len: usize) -> Vec<u8> {
+        let mut pool = self.payloads.lock().unwrap_or_else(|e| e.into_inner());
+        match pool.iter().position(|b| b.capacity() >= len) {
+            Some(i) => pool.swap_remove(i),
+            None => Vec::with_capacity(len),
+        }
+    }
+
+    /// Keep a payload buffer for reuse (a few, of bounded size).
+    fn recycle(&self, mut buf: Vec<u8>) {
+        if buf.capacity() == 0 || buf.capacity() > RETAIN_BYTES {
+            return;
+        }
+        buf.clear();
+        let mut pool = self.payloads.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < POOLED_PAYLOADS {
+            pool.push(buf);
+        }
+    }
+
+    /// Whether requests like `command` are quick enough to run on the
+    /// reader's thread.
+    fn runs_inline(&self, command: u16) -> bool {
+        self.service_ns[kind(command)].load(Ordering::Relaxed) < INLINE_MAX_NS
+    }
+
+    /// Feed a request's service time into its kind's moving average.
+    fn record(&self, command: u16, bytes: u64, start: Instant) {
+        if !self.parallel {
+            return;
+        }
+        let ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let excess = ns.saturating_sub(bytes / BYTES_PER_NS);
+        // Racy read-modify-write between threads: it is an estimate.
+        let avg = &self.service_ns[kind(command)];
+        let old = avg.load(Ordering::Relaxed);
+        avg.store(old - old / 4 + excess / 4, Ordering::Relaxed);
     }
 
     /// Wait until a request of `cost` bytes may be in flight, then count it.
@@ -372,10 +666,11 @@ impl<'a, W: Write + Send> Conn<'a, W> {
         self.busy.store(f.requests, Ordering::SeqCst);
     }
 
-    /// A request's last reply has been written.
-    fn finish(&self, cost: usize) {
+    /// `requests` requests (of `cost` bytes in all) have had their last
+    /// reply written.
+    fn finish(&self, requests: usize, cost: usize) {
         let mut f = self.flight.lock().unwrap_or_else(|e| e.into_inner());
-        f.requests -= 1;
+        f.requests -= requests;
         f.bytes -= cost;
         self.busy.store(f.requests, Ordering::SeqCst);
         if f.waiters > 0 {
@@ -398,7 +693,7 @@ impl<'a, W: Write + Send> Conn<'a, W> {
         let (spawn, wake) = {
             let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
             q.jobs.push_back(job);
-            let spawn = q.idle == 0 && q.workers < self.max_workers;
+            let spawn = q.idle == 0 && q.workers < MAX_WORKERS;
             if spawn {
                 q.workers += 1;
             }
@@ -419,7 +714,7 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                     let job = q.jobs.pop_back();
                     drop(q);
                     if let Some(job) = job {
-                        self.run_job(job, &mut Vec::new(), scope);
+                        self.run_job(job, &mut OutBuf::new(self.mode), scope);
                     }
                 }
                 return;
@@ -436,7 +731,7 @@ impl<'a, W: Write + Send> Conn<'a, W> {
     }
 
     fn worker<'s>(&'s self, scope: &'s Scope<'s, '_>) {
-        let mut buf: Vec<u8> = Vec::new();
+        let mut out = OutBuf::new(self.mode);
         loop {
             let job = {
                 let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
@@ -454,18 +749,22 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                 }
             };
             let Some(job) = job else { return };
-            self.run_job(job, &mut buf, scope);
-            // Do not pin a huge buffer for the life of the connection.
-            if buf.capacity() > 4 << 20 {
-                buf = Vec::new();
-            }
+            self.run_job(job, &mut out, scope);
         }
     }
 
-    fn run_job<'s>(&'s self, job: Job, buf: &mut Vec<u8>, scope: &'s Scope<'s, '_>) {
+    fn run_job<'s>(&'s self, job: Job, out: &mut OutBuf, scope: &'s Scope<'s, '_>) {
         let r = match job {
-            Job::Request { req, payload, cost } => self.request(req, payload, cost, buf, scope),
-            Job::Piece { read, offset, len } => self.piece(&read, offset, len, buf),
+            Job::Request { req, payload, cost } => {
+                let complete = self.execute(&req, &payload, cost, out, true, scope);
+                self.recycle(payload);
+                let r = self.writer.send(out);
+                if complete {
+                    self.finish(1, cost);
+                }
+                r
+            }
+            Job::Piece { read, offset, len } => self.piece(&read, offset, len, out),
         };
         if let Err(e) = r {
             // The client went away mid-reply; the reader will see EOF.
@@ -556,26 +855,39 @@ impl<'a, W: Write + Send> Conn<'a, W> {
         }
     }
 
-    fn request<'s>(
+    /// Run one request and append its whole reply to `out`. Returns false
+    /// when the reply was left to the pieces of a split read (only on a
+    /// worker), whose last one finishes the request.
+    fn execute<'s>(
         &'s self,
-        req: Request,
-        payload: Vec<u8>,
+        req: &Request,
+        payload: &[u8],
         cost: usize,
-        buf: &mut Vec<u8>,
+        out: &mut OutBuf,
+        on_worker: bool,
         scope: &'s Scope<'s, '_>,
-    ) -> io::Result<()> {
-        if let Err(e) = self.check(&req) {
-            self.log_failure(&req, &e);
-            let r = self.writer.error(&req, &e, None, true);
-            self.finish(cost);
-            return r;
+    ) -> bool {
+        if let Err(e) = self.check(req) {
+            self.log_failure(req, &e);
+            out.error(req, &e, None, true);
+            return true;
         }
-        if req.command == CMD_READ {
-            return self.read(req, cost, buf, scope);
-        }
+        let start = Instant::now();
         let fua = req.flags & CMD_FLAG_FUA != 0;
         let result = match req.command {
-            CMD_WRITE => self.layer.write(&payload, req.offset, fua),
+            CMD_READ => {
+                let complete = self.read(req, cost, out, on_worker, scope);
+                if complete {
+                    self.record(CMD_READ, req.length, start);
+                }
+                return complete;
+            }
+            CMD_BLOCK_STATUS => {
+                self.block_status(req, out);
+                self.record(req.command, 0, start);
+                return true;
+            }
+            CMD_WRITE => self.layer.write(payload, req.offset, fua),
             CMD_FLUSH => self.layer.flush(),
             CMD_TRIM => self.layer.trim(req.length, req.offset, fua),
             CMD_WRITE_ZEROES => {
@@ -584,26 +896,20 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                 self.layer.zero(req.length, req.offset, may_trim, fast, fua)
             }
             CMD_CACHE => self.layer.cache(req.length, req.offset),
-            CMD_BLOCK_STATUS => {
-                let r = self.block_status(&req);
-                self.finish(cost);
-                return r;
-            }
             _ => Err(OpError::inval(format!("unknown command {}", req.command))),
         };
-        drop(payload);
-        let r = match result {
-            Ok(()) => self.writer.ok(&req),
+        self.record(req.command, payload.len() as u64, start);
+        match result {
+            Ok(()) => out.ok(req),
             Err(e) => {
-                self.log_failure(&req, &e);
-                self.writer.error(&req, &e, None, true)
+                self.log_failure(req, &e);
+                out.error(req, &e, None, true);
             }
-        };
-        self.finish(cost);
-        r
+        }
+        true
     }
 
-    fn block_status(&self, req: &Request) -> io::Result<()> {
+    fn block_status(&self, req: &Request, out: &mut OutBuf) {
         let context = self.allocation_context.expect("checked");
         let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
         match self.layer.extents(req.length, req.offset, req_one) {
@@ -612,9 +918,9 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                 // 32-bit, and REQ_ONE demands it.
                 let end = req.offset + req.length;
                 let mut pos = req.offset;
-                let mut out: Vec<(u64, u32)> = Vec::with_capacity(extents.len().min(MAX_EXTENTS));
+                let mut descriptors: Vec<(u64, u32)> = Vec::with_capacity(extents.len().min(MAX_EXTENTS));
                 for e in extents {
-                    if pos >= end || out.len() >= MAX_EXTENTS {
+                    if pos >= end || descriptors.len() >= MAX_EXTENTS {
                         break;
                     }
                     let len = e.length.min(end - pos);
@@ -625,56 +931,61 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                     if e.flags & EXTENT_ZERO != 0 {
                         flags |= STATE_ZERO;
                     }
-                    out.push((len, flags));
+                    descriptors.push((len, flags));
                     pos += len;
                 }
-                self.writer.block_status(req, context, &out)
+                out.block_status(req, context, &descriptors);
             }
             Err(e) => {
                 self.log_failure(req, &e);
-                self.writer.error(req, &e, None, true)
+                out.error(req, &e, None, true);
             }
         }
     }
 
     // ------------------------------------------------------------ reads
 
-    fn read<'s>(&'s self, req: Request, cost: usize, buf: &mut Vec<u8>, scope: &'s Scope<'s, '_>) -> io::Result<()> {
+    /// Append a READ's reply to `out`; false if a split read took it over.
+    fn read<'s>(
+        &'s self,
+        req: &Request,
+        cost: usize,
+        out: &mut OutBuf,
+        on_worker: bool,
+        scope: &'s Scope<'s, '_>,
+    ) -> bool {
         let len = req.length as usize;
         if self.mode == ReplyMode::Simple {
-            buf.resize(len, 0);
-            let r = match self.layer.read(buf, req.offset) {
-                Ok(()) => self.writer.simple_data(&req, buf),
-                Err(e) => {
-                    self.log_failure(&req, &e);
-                    self.writer.error(&req, &e, None, true)
-                }
-            };
-            self.finish(cost);
-            return r;
+            if let Err(e) = out.data(self.layer, req, req.offset, len, true) {
+                self.log_failure(req, &e);
+                out.error(req, &e, None, true);
+            }
+            return true;
         }
         if len == 0 {
-            let r = self.writer.done(&req);
-            self.finish(cost);
-            return r;
+            out.done(req);
+            return true;
         }
         let df = req.flags & CMD_FLAG_DF != 0;
         // Most reads are one data run: keep that on the stack.
         let whole = [(req.offset, req.length, false)];
         let sparse;
         let segments: &[(u64, u64, bool)] = if !df && req.length >= SPARSE_READ_MIN && self.layer.caps().extents {
-            sparse = self.segments(&req);
+            sparse = self.segments(req);
             &sparse
         } else {
             &whole
         };
+        // Pieces only pay off where reads are slow enough to be on workers:
+        // on the reader's thread one chunk per run costs client and server
+        // the least.
         let data_bytes: u64 = segments.iter().filter(|s| !s.2).map(|s| s.1).sum();
-        if self.split_reads && !df && data_bytes >= SPLIT_READ_MIN {
-            return self.split_read(req, cost, segments, scope);
+        if on_worker && self.split_reads && !df && data_bytes >= SPLIT_READ_MIN && !self.runs_inline(CMD_READ) {
+            self.split_read(*req, cost, segments, out, scope);
+            return false;
         }
-        let r = self.send_segments(&req, segments, buf);
-        self.finish(cost);
-        r
+        self.read_runs(req, segments, out);
+        true
     }
 
     /// Data and hole runs of a read, from the layer's extents. Any failure
@@ -691,47 +1002,47 @@ impl<'a, W: Write + Send> Conn<'a, W> {
         }
     }
 
-    /// Send segments in order, the last chunk carrying DONE.
-    fn send_segments(&self, req: &Request, segments: &[(u64, u64, bool)], buf: &mut Vec<u8>) -> io::Result<()> {
+    /// Append the runs in order, the last chunk carrying DONE.
+    fn read_runs(&self, req: &Request, segments: &[(u64, u64, bool)], out: &mut OutBuf) {
         let df = req.flags & CMD_FLAG_DF != 0;
         for (i, &(off, len, hole)) in segments.iter().enumerate() {
             let last = i + 1 == segments.len();
             if hole {
-                self.holes(req, off, len, last)?;
+                Self::holes(req, off, len, last, out);
                 continue;
             }
-            buf.resize(len as usize, 0);
-            if let Err(e) = self.layer.read(buf, off) {
+            if let Err(e) = out.data(self.layer, req, off, len as usize, last) {
                 self.log_failure(req, &e);
                 // Nothing sent covers `off` yet: report it there. With DF
                 // (a single chunk) plain ERROR is the only honest form.
                 let at = if df || i == 0 { None } else { Some(off) };
-                return self.writer.error(req, &e, at, true);
+                out.error(req, &e, at, true);
+                return;
             }
-            self.writer.data(req, off, buf, last)?;
         }
-        Ok(())
     }
 
-    fn holes(&self, req: &Request, mut off: u64, mut len: u64, done: bool) -> io::Result<()> {
+    fn holes(req: &Request, mut off: u64, mut len: u64, done: bool, out: &mut OutBuf) {
         // The hole size field is 32 bits.
         let max = (u32::MAX as u64) / HOLE_ALIGN * HOLE_ALIGN;
         while len > 0 {
             let n = len.min(max);
-            self.writer.hole(req, off, n as u32, done && n == len)?;
+            out.hole(req, off, n as u32, done && n == len);
             off += n;
             len -= n;
         }
-        Ok(())
     }
 
+    /// Hand the data runs of a read to workers in pieces; send the holes
+    /// from here. The last to finish sends the final NONE chunk.
     fn split_read<'s>(
         &'s self,
         req: Request,
         cost: usize,
         segments: &[(u64, u64, bool)],
+        out: &mut OutBuf,
         scope: &'s Scope<'s, '_>,
-    ) -> io::Result<()> {
+    ) {
         let mut pieces = Vec::new();
         for &(off, len, hole) in segments {
             if hole {
@@ -749,33 +1060,34 @@ impl<'a, W: Write + Send> Conn<'a, W> {
         for (offset, len) in pieces {
             self.push(Job::Piece { read: read.clone(), offset, len }, scope);
         }
-        let mut r = Ok(());
         for &(off, len, hole) in segments {
             if hole {
-                r = r.and(self.holes(&req, off, len, false));
+                Self::holes(&req, off, len, false, out);
             }
         }
-        r.and(self.piece_done(&read))
+        if let Err(e) = self.writer.send(out).and_then(|()| self.piece_done(&read, out)) {
+            log::debug!("{}: writing a reply failed: {e}", self.peer);
+        }
     }
 
-    fn piece(&self, read: &SplitRead, offset: u64, len: usize, buf: &mut Vec<u8>) -> io::Result<()> {
-        buf.resize(len, 0);
-        let r = match self.layer.read(buf, offset) {
-            Ok(()) => self.writer.data(&read.req, offset, buf, false),
-            Err(e) => {
-                self.log_failure(&read.req, &e);
-                self.writer.error(&read.req, &e, Some(offset), false)
-            }
-        };
-        r.and(self.piece_done(read))
+    fn piece(&self, read: &SplitRead, offset: u64, len: usize, out: &mut OutBuf) -> io::Result<()> {
+        let start = Instant::now();
+        if let Err(e) = out.data(self.layer, &read.req, offset, len, false) {
+            self.log_failure(&read.req, &e);
+            out.error(&read.req, &e, Some(offset), false);
+        }
+        self.record(CMD_READ, len as u64, start);
+        let r = self.writer.send(out);
+        r.and(self.piece_done(read, out))
     }
 
-    fn piece_done(&self, read: &SplitRead) -> io::Result<()> {
+    fn piece_done(&self, read: &SplitRead, out: &mut OutBuf) -> io::Result<()> {
         if read.pending.fetch_sub(1, Ordering::AcqRel) != 1 {
             return Ok(());
         }
-        let r = self.writer.done(&read.req);
-        self.finish(read.cost);
+        out.done(&read.req);
+        let r = self.writer.send(out);
+        self.finish(1, read.cost);
         r
     }
 }
@@ -836,6 +1148,148 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A 1 MiB disk whose byte at `o` is `o % 251`, failing reads that
+    /// touch 512 KiB.
+    struct Patterned;
+
+    impl crate::pipeline::Layer for Patterned {
+        fn name(&self) -> &str {
+            "patterned"
+        }
+        fn provided(&self) -> crate::loader::Provided {
+            crate::loader::Provided { get_size: true, pread: true, ..Default::default() }
+        }
+        fn get_size(&self) -> Result<u64, crate::loader::PluginError> {
+            Ok(1 << 20)
+        }
+        fn block_size(&self) -> Result<Option<nbdhost_plugin_api::abi::BlockSize>, crate::loader::PluginError> {
+            Ok(None)
+        }
+        fn can(&self, _: u32) -> Result<Option<u32>, crate::loader::PluginError> {
+            Ok(None)
+        }
+        fn pread(&self, buf: &mut [u8], offset: u64, _: u32) -> Result<(), crate::loader::PluginError> {
+            if (offset..offset + buf.len() as u64).contains(&(512 << 10)) {
+                return Err(crate::loader::PluginError { errno: 5, message: "bad sector".into() });
+            }
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = ((offset + i as u64) % 251) as u8;
+            }
+            Ok(())
+        }
+        fn pwrite(&self, _: &[u8], _: u64, _: u32) -> Result<(), crate::loader::PluginError> {
+            unreachable!()
+        }
+        fn flush(&self, _: u32) -> Result<(), crate::loader::PluginError> {
+            unreachable!()
+        }
+        fn trim(&self, _: u64, _: u64, _: u32) -> Result<(), crate::loader::PluginError> {
+            unreachable!()
+        }
+        fn zero(&self, _: u64, _: u64, _: u32) -> Result<(), crate::loader::PluginError> {
+            unreachable!()
+        }
+        fn cache(&self, _: u64, _: u64, _: u32) -> Result<(), crate::loader::PluginError> {
+            unreachable!()
+        }
+        fn extents(
+            &self,
+            _: u64,
+            _: u64,
+            _: u32,
+            _: &mut dyn FnMut(u64, u64, u32) -> Result<(), i32>,
+        ) -> Result<(), crate::loader::PluginError> {
+            unreachable!()
+        }
+    }
+
+    fn patterned() -> CheckedLayer {
+        CheckedLayer::new(Box::new(Patterned), true, crate::pipeline::RequestLock::none(), "t").unwrap()
+    }
+
+    fn read_req(cookie: u64, offset: u64, length: u64) -> Request {
+        Request { flags: 0, command: CMD_READ, cookie, offset, length }
+    }
+
+    fn expected(offset: u64, len: usize) -> Vec<u8> {
+        (0..len as u64).map(|i| ((offset + i) % 251) as u8).collect()
+    }
+
+    #[test]
+    fn replies_are_built_back_to_back_with_data_behind_its_header() {
+        let layer = patterned();
+        let mut out = OutBuf::new(ReplyMode::Structured);
+        let r1 = read_req(7, 4096, 100);
+        out.data(&layer, &r1, 4096, 100, true).unwrap();
+        let r2 = read_req(8, 0, 0);
+        out.ok(&r2);
+        out.hole(&r1, 9000, 512, false);
+        let mut want = Vec::new();
+        codec::encode_chunk_header(
+            &mut want,
+            ReplyMode::Structured,
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_OFFSET_DATA,
+            7,
+            0,
+            108,
+        );
+        want.extend_from_slice(&4096u64.to_be_bytes());
+        want.extend_from_slice(&expected(4096, 100));
+        want.extend_from_slice(codec::simple_reply(0, 8).as_bytes());
+        codec::encode_chunk_header(&mut want, ReplyMode::Structured, 0, REPLY_TYPE_OFFSET_HOLE, 7, 0, 12);
+        want.extend_from_slice(&9000u64.to_be_bytes());
+        want.extend_from_slice(&512u32.to_be_bytes());
+        assert_eq!(out.bytes(), &want[..]);
+        assert_eq!(out.replies, 2, "the DONE data chunk and the simple reply end requests; the hole does not");
+    }
+
+    #[test]
+    fn a_failed_read_leaves_nothing_behind_and_reused_space_holds_no_stale_bytes() {
+        let layer = patterned();
+        for mode in [ReplyMode::Simple, ReplyMode::Structured, ReplyMode::Extended] {
+            let mut out = OutBuf::new(mode);
+            let good = read_req(1, 0, 4096);
+            out.data(&layer, &good, 0, 4096, true).unwrap();
+            let before = out.bytes().to_vec();
+            let bad = read_req(2, 500 << 10, 64 << 10);
+            let e = out.data(&layer, &bad, 500 << 10, 64 << 10, true).unwrap_err();
+            assert_eq!(e.errno, NbdErrno::Io);
+            assert_eq!(out.bytes(), &before[..], "{mode:?}: the failed read's header was rolled back");
+            assert_eq!(out.replies, 1);
+            // Sent and cleared: the next, shorter reply is exactly itself.
+            out.clear();
+            let small = read_req(3, 100, 10);
+            out.data(&layer, &small, 100, 10, true).unwrap();
+            let tail = &out.bytes()[out.bytes().len() - 10..];
+            assert_eq!(tail, &expected(100, 10)[..]);
+            let header = if mode == ReplyMode::Simple {
+                16
+            } else if mode == ReplyMode::Extended {
+                40
+            } else {
+                28
+            };
+            assert_eq!(out.bytes().len(), header + 10, "{mode:?}");
+        }
+    }
+
+    #[test]
+    fn an_unusually_large_reply_buffer_is_released_after_sending() {
+        let layer = patterned();
+        let mut out = OutBuf::new(ReplyMode::Structured);
+        // Some 4 MiB of chunks for one request.
+        let req = read_req(1, 0, 0);
+        for i in 0..200_000u64 {
+            out.hole(&req, i * 512, 512, false);
+        }
+        assert!(out.buf.len() > RETAIN_BYTES);
+        out.clear();
+        assert_eq!(out.buf.capacity(), 0, "released");
+        out.data(&layer, &read_req(2, 0, 512), 0, 512, true).unwrap();
+        assert_eq!(&out.bytes()[28..], &expected(0, 512)[..]);
     }
 
     #[test]

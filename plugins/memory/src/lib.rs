@@ -9,6 +9,7 @@ use nbdhost_plugin_api::{
     ParamKind, Params, Pwrite, Result, Support, Trim, Zero,
 };
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, RwLock};
 
 /// Page size of the sparse store. 32 KiB keeps metadata small for large
@@ -20,19 +21,44 @@ const SHARDS: usize = 64;
 
 type Page = Box<[u8]>;
 
+/// Hashes page indexes with one multiplication instead of SipHash: the
+/// keys are our own page numbers, not attacker-chosen strings, and the
+/// lookup is on every request's path. The high half of the product is
+/// folded into the low bits because the map's buckets come from the low
+/// bits and all pages of one shard share their low 6 bits.
+#[derive(Default)]
+struct PageHasher(u64);
+
+impl Hasher for PageHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64((self.0 << 8) | b as u64);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        let p = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 = p ^ (p >> 32);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type PageMap = HashMap<u64, Page, BuildHasherDefault<PageHasher>>;
+
 /// The shared sparse store.
 pub struct SparseStore {
     size: u64,
-    shards: Vec<RwLock<HashMap<u64, Page>>>,
+    shards: Vec<RwLock<PageMap>>,
 }
 
 impl SparseStore {
     /// An all-zero store of `size` bytes.
     pub fn new(size: u64) -> Self {
-        SparseStore { size, shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect() }
+        SparseStore { size, shards: (0..SHARDS).map(|_| RwLock::new(PageMap::default())).collect() }
     }
 
-    fn shard(&self, page: u64) -> &RwLock<HashMap<u64, Page>> {
+    fn shard(&self, page: u64) -> &RwLock<PageMap> {
         &self.shards[(page as usize) % SHARDS]
     }
 
