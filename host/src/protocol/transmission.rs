@@ -30,7 +30,7 @@ use nbdhost_plugin_api::abi::{EXTENT_HOLE, EXTENT_ZERO};
 use nbdhost_plugin_api::ThreadModel;
 use std::collections::VecDeque;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::Scope;
 use std::time::Instant;
@@ -52,14 +52,11 @@ pub const SPLIT_PIECE: u64 = 256 * 1024;
 pub const MAX_EXTENTS: usize = 1 << 20;
 /// Holes in sparse reads are aligned to this (the spec's SHOULD).
 const HOLE_ALIGN: u64 = 512;
-/// A kind of request runs on the connection's thread while its recent
-/// service time, beyond what moving its data costs, stays under this. A
-/// hand-off to a worker costs some 5-10 µs of CPU in wake-ups; a request
-/// that waits for a disk or a network takes far longer than this.
-pub const INLINE_MAX_NS: u64 = 100_000;
-/// Moving data is allowed this many bytes per ns (2 GB/s) before the time
-/// counts towards [`INLINE_MAX_NS`]: a 1 MiB memcpy is not a slow layer.
-const BYTES_PER_NS: u64 = 2;
+/// A kind of request runs on the connection's thread while the share of
+/// recent requests of that kind that slept in the layer (a moving average,
+/// in 1/1024ths) stays under this: one request that sleeps sends the next
+/// ones to workers, about three that do not bring them back.
+const BLOCKING_SHARE_MAX: u32 = 1024 / 8;
 /// How long the reader looks for the next request before it sleeps.
 const SPIN_NS: u64 = 50_000;
 /// Payload buffers kept per connection for reuse.
@@ -306,7 +303,9 @@ fn kind(cmd: u16) -> usize {
 /// Work for a worker thread.
 enum Job {
     /// A whole request (with its payload, if any).
-    Request { req: Request, payload: Vec<u8>, cost: usize },
+    /// `payload[..len]` is the payload (the buffer is recycled and may be
+    /// longer).
+    Request { req: Request, payload: Vec<u8>, len: usize, cost: usize },
     /// One piece of a split READ.
     Piece { read: Arc<SplitRead>, offset: u64, len: usize },
 }
@@ -356,9 +355,9 @@ struct Conn<'a, W: Write> {
     /// Requests may run on workers (the pipeline is parallel).
     parallel: bool,
     split_reads: bool,
-    /// Recent service time of reads, writes and other commands (ns beyond
-    /// moving their data), as moving averages; see [`INLINE_MAX_NS`].
-    service_ns: [AtomicU64; 3],
+    /// How often recent reads, writes and other commands slept in the
+    /// layer; see [`BLOCKING_SHARE_MAX`].
+    blocking: [AtomicU32; 3],
     queue: Mutex<Queue>,
     work_ready: Condvar,
     flight: Mutex<Flight>,
@@ -378,6 +377,17 @@ struct Conn<'a, W: Write> {
 struct Backoff {
     skip: u32,
     misses: u32,
+}
+
+/// Voluntary context switches of the calling thread so far. They grow only
+/// when it sleeps (disk or network I/O, a timer, a contended lock), not
+/// when it is merely preempted or copies a lot of memory, which is the line
+/// between a layer worth overlapping on workers and one that is not: wall
+/// time cannot tell a disk read from a 1 MiB copy that lost the CPU for a
+/// moment on a busy machine.
+fn voluntary_switches() -> i64 {
+    use nix::sys::resource::{getrusage, UsageWho};
+    getrusage(UsageWho::RUSAGE_THREAD).map_or(0, |u| u.voluntary_context_switches() as i64)
 }
 
 /// Threads busy-waiting for a request right now, server-wide.
@@ -459,7 +469,7 @@ impl<'a> Transmission<'a> {
             allocation_context: s.allocation_context,
             parallel,
             split_reads: parallel && s.mode != ReplyMode::Simple,
-            service_ns: Default::default(),
+            blocking: Default::default(),
             queue: Mutex::new(Queue::default()),
             work_ready: Condvar::new(),
             flight: Mutex::new(Flight::default()),
@@ -573,19 +583,17 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                 self.flush(out, held)?;
             }
             if !inline {
-                // (read_to_end fills spare capacity without zeroing it.)
                 let mut payload = self.payload_buffer(plen);
-                let got = (&mut *reader).take(plen as u64).read_to_end(&mut payload);
-                if got.is_err() || payload.len() != plen {
+                if let Err(e) = reader.read_exact(&mut payload[..plen]) {
                     self.finish(1, cost);
-                    return Err(got.err().unwrap_or_else(|| io::ErrorKind::UnexpectedEof.into()));
+                    return Err(e);
                 }
                 if req.command == CMD_DISC {
                     self.finish(1, cost);
                     log::debug!("{}: NBD_CMD_DISC", self.peer);
                     return Ok(());
                 }
-                self.push(Job::Request { req, payload, cost }, scope);
+                self.push(Job::Request { req, payload, len: plen, cost }, scope);
                 continue;
             }
             if buffered {
@@ -612,22 +620,22 @@ impl<'a, W: Write + Send> Conn<'a, W> {
         }
     }
 
-    /// An empty buffer with room for a payload of `len` bytes: a recycled
-    /// one if possible (fresh memory costs page faults on every request).
+    /// A buffer of at least `len` initialised bytes for a payload: a
+    /// recycled one if possible. (Reading into spare capacity would zero it
+    /// first on every request; fresh memory costs page faults.)
     fn payload_buffer(&self, len: usize) -> Vec<u8> {
         let mut pool = self.payloads.lock().unwrap_or_else(|e| e.into_inner());
-        match pool.iter().position(|b| b.capacity() >= len) {
+        match pool.iter().position(|b| b.len() >= len) {
             Some(i) => pool.swap_remove(i),
-            None => Vec::with_capacity(len),
+            None => vec![0u8; len],
         }
     }
 
     /// Keep a payload buffer for reuse (a few, of bounded size).
-    fn recycle(&self, mut buf: Vec<u8>) {
-        if buf.capacity() == 0 || buf.capacity() > RETAIN_BYTES {
+    fn recycle(&self, buf: Vec<u8>) {
+        if buf.is_empty() || buf.len() > RETAIN_BYTES {
             return;
         }
-        buf.clear();
         let mut pool = self.payloads.lock().unwrap_or_else(|e| e.into_inner());
         if pool.len() < POOLED_PAYLOADS {
             pool.push(buf);
@@ -637,20 +645,22 @@ impl<'a, W: Write + Send> Conn<'a, W> {
     /// Whether requests like `command` are quick enough to run on the
     /// reader's thread.
     fn runs_inline(&self, command: u16) -> bool {
-        self.service_ns[kind(command)].load(Ordering::Relaxed) < INLINE_MAX_NS
+        self.blocking[kind(command)].load(Ordering::Relaxed) < BLOCKING_SHARE_MAX
     }
 
-    /// Feed a request's service time into its kind's moving average.
-    fn record(&self, command: u16, bytes: u64, start: Instant) {
-        if !self.parallel {
-            return;
-        }
-        let ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        let excess = ns.saturating_sub(bytes / BYTES_PER_NS);
+    /// Where a request's measurement starts (parallel pipelines only).
+    fn start_measuring(&self) -> Option<i64> {
+        self.parallel.then(voluntary_switches)
+    }
+
+    /// Feed whether a request slept into its kind's moving average.
+    fn record(&self, command: u16, start: Option<i64>) {
+        let Some(before) = start else { return };
+        let slept = voluntary_switches() > before;
         // Racy read-modify-write between threads: it is an estimate.
-        let avg = &self.service_ns[kind(command)];
+        let avg = &self.blocking[kind(command)];
         let old = avg.load(Ordering::Relaxed);
-        avg.store(old - old / 4 + excess / 4, Ordering::Relaxed);
+        avg.store(old - old / 4 + if slept { 1024 / 4 } else { 0 }, Ordering::Relaxed);
     }
 
     /// Wait until a request of `cost` bytes may be in flight, then count it.
@@ -755,8 +765,8 @@ impl<'a, W: Write + Send> Conn<'a, W> {
 
     fn run_job<'s>(&'s self, job: Job, out: &mut OutBuf, scope: &'s Scope<'s, '_>) {
         let r = match job {
-            Job::Request { req, payload, cost } => {
-                let complete = self.execute(&req, &payload, cost, out, true, scope);
+            Job::Request { req, payload, len, cost } => {
+                let complete = self.execute(&req, &payload[..len], cost, out, true, scope);
                 self.recycle(payload);
                 let r = self.writer.send(out);
                 if complete {
@@ -872,19 +882,19 @@ impl<'a, W: Write + Send> Conn<'a, W> {
             out.error(req, &e, None, true);
             return true;
         }
-        let start = Instant::now();
+        let start = self.start_measuring();
         let fua = req.flags & CMD_FLAG_FUA != 0;
         let result = match req.command {
             CMD_READ => {
                 let complete = self.read(req, cost, out, on_worker, scope);
                 if complete {
-                    self.record(CMD_READ, req.length, start);
+                    self.record(CMD_READ, start);
                 }
                 return complete;
             }
             CMD_BLOCK_STATUS => {
                 self.block_status(req, out);
-                self.record(req.command, 0, start);
+                self.record(req.command, start);
                 return true;
             }
             CMD_WRITE => self.layer.write(payload, req.offset, fua),
@@ -898,7 +908,7 @@ impl<'a, W: Write + Send> Conn<'a, W> {
             CMD_CACHE => self.layer.cache(req.length, req.offset),
             _ => Err(OpError::inval(format!("unknown command {}", req.command))),
         };
-        self.record(req.command, payload.len() as u64, start);
+        self.record(req.command, start);
         match result {
             Ok(()) => out.ok(req),
             Err(e) => {
@@ -1071,12 +1081,12 @@ impl<'a, W: Write + Send> Conn<'a, W> {
     }
 
     fn piece(&self, read: &SplitRead, offset: u64, len: usize, out: &mut OutBuf) -> io::Result<()> {
-        let start = Instant::now();
+        let start = self.start_measuring();
         if let Err(e) = out.data(self.layer, &read.req, offset, len, false) {
             self.log_failure(&read.req, &e);
             out.error(&read.req, &e, Some(offset), false);
         }
-        self.record(CMD_READ, len as u64, start);
+        self.record(CMD_READ, start);
         let r = self.writer.send(out);
         r.and(self.piece_done(read, out))
     }
