@@ -1,18 +1,17 @@
 //! The transmission phase: read requests, check them against what was
 //! negotiated, run them against the export's checked pipeline, and reply.
 //!
-//! The connection's thread reads requests and, as long as the layer answers
-//! quickly, runs them itself: a hand-off to another thread (a wake-up, a
-//! context switch, a lock passed back and forth) costs more than a memory or
-//! page-cache request does. Replies are built straight into one output
+//! The connection's thread reads requests and, as long as the layer does not
+//! sleep in them, runs them itself: a hand-off to another thread (a wake-up,
+//! a context switch, a lock passed back and forth) costs more than a memory
+//! or page-cache request does. Replies are built straight into one output
 //! buffer (data read by the layer lands right behind its chunk header) and
 //! go out in batches: the buffer is sent when it holds enough, and always
 //! before the thread could wait on the socket for the next request.
 //!
-//! Requests of a kind that recently took long (a slow disk, a network
+//! Requests of a kind that recently slept in the layer (a disk, a network
 //! backend, the delay filter) go to worker threads instead, started as
-//! needed up to a limit that depends on the pipeline's thread model, so slow
-//! requests overlap. Their replies go out as soon as they are ready, out of
+//! needed up to [`MAX_WORKERS`] on a parallel pipeline, so they overlap. Their replies go out as soon as they are ready, out of
 //! order, each written whole by the [`ReplyWriter`]. A large READ on a worker
 //! is split into pieces read concurrently and sent as separate OFFSET_DATA
 //! chunks. Holes reported by the layer's extents go out as OFFSET_HOLE chunks
