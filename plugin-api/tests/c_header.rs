@@ -190,7 +190,7 @@ fn every_listed_field_accounts_for_the_whole_rust_struct() {
             assert!(*off >= end && *off - end < 8, "{}.{f} at {off}: gap after byte {end} (field missing?)", l.c_name);
             end = off + sz;
         }
-        assert_eq!((end + l.align - 1) / l.align * l.align, l.size, "{}: fields missing at the end", l.c_name);
+        assert_eq!(end.div_ceil(l.align) * l.align, l.size, "{}: fields missing at the end", l.c_name);
     }
 }
 

@@ -384,9 +384,9 @@ struct Backoff {
 /// between a layer worth overlapping on workers and one that is not: wall
 /// time cannot tell a disk read from a 1 MiB copy that lost the CPU for a
 /// moment on a busy machine.
-fn voluntary_switches() -> i64 {
+fn voluntary_switches() -> std::ffi::c_long {
     use nix::sys::resource::{getrusage, UsageWho};
-    getrusage(UsageWho::RUSAGE_THREAD).map_or(0, |u| u.voluntary_context_switches() as i64)
+    getrusage(UsageWho::RUSAGE_THREAD).map_or(0, |u| u.voluntary_context_switches())
 }
 
 /// Threads busy-waiting for a request right now, server-wide.
@@ -648,12 +648,12 @@ impl<'a, W: Write + Send> Conn<'a, W> {
     }
 
     /// Where a request's measurement starts (parallel pipelines only).
-    fn start_measuring(&self) -> Option<i64> {
+    fn start_measuring(&self) -> Option<std::ffi::c_long> {
         self.parallel.then(voluntary_switches)
     }
 
     /// Feed whether a request slept into its kind's moving average.
-    fn record(&self, command: u16, start: Option<i64>) {
+    fn record(&self, command: u16, start: Option<std::ffi::c_long>) {
         let Some(before) = start else { return };
         let slept = voluntary_switches() > before;
         // Racy read-modify-write between threads: it is an estimate.
@@ -1299,6 +1299,47 @@ mod tests {
         assert_eq!(out.buf.capacity(), 0, "released");
         out.data(&layer, &read_req(2, 0, 512), 0, 512, true).unwrap();
         assert_eq!(&out.bytes()[28..], &expected(0, 512)[..]);
+    }
+
+    #[test]
+    fn sleeping_counts_as_a_voluntary_switch_and_computing_does_not() {
+        let before = voluntary_switches();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        assert!(voluntary_switches() > before, "a sleep is a voluntary context switch");
+        let before = voluntary_switches();
+        let mut x = 0u64;
+        for i in 0..2_000_000u64 {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+        }
+        std::hint::black_box(x);
+        assert_eq!(voluntary_switches(), before, "computing never gives the CPU up voluntarily");
+    }
+
+    #[test]
+    fn waiting_for_a_request_backs_off_after_misses_and_resets_on_a_hit() {
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let probe = Stream::Unix(a);
+        let mut state = Backoff::default();
+        // Nothing to read: a miss, then the next 2 waits are skipped...
+        assert!(!wait_readable(&probe, &mut state, 1_000));
+        assert_eq!((state.misses, state.skip), (1, 2));
+        assert!(!wait_readable(&probe, &mut state, 1_000));
+        assert!(!wait_readable(&probe, &mut state, 1_000));
+        assert_eq!(state.skip, 0);
+        // ...the next miss skips 4, and so on up to 64.
+        assert!(!wait_readable(&probe, &mut state, 1_000));
+        assert_eq!((state.misses, state.skip), (2, 4));
+        for _ in 0..20 {
+            state.skip = 0;
+            wait_readable(&probe, &mut state, 1_000);
+        }
+        assert_eq!(state.skip, 64, "the back-off is capped");
+        // A request waiting: found at once, and the back-off is forgotten.
+        b.write_all(b"x").unwrap();
+        state.skip = 0;
+        assert!(wait_readable(&probe, &mut state, 1_000_000_000));
+        assert_eq!(state.misses, 0);
+        assert_eq!(SPINNING.load(Ordering::Relaxed), 0, "the spinner count is given back");
     }
 
     #[test]
