@@ -37,6 +37,11 @@ impl Stream {
     /// zero-timeout poll: unlike a peeking recv it does not take the socket
     /// lock, so the peer's sends are not slowed by our looking.
     pub fn readable_now(&self) -> bool {
+        self.readable_within(Duration::ZERO)
+    }
+
+    /// Wait up to `timeout` for [`Stream::readable_now`] to become true.
+    pub fn readable_within(&self, timeout: Duration) -> bool {
         use rustix::event::{poll, PollFd, PollFlags, Timespec};
         use std::os::fd::AsFd;
         let fd = match self {
@@ -44,7 +49,8 @@ impl Stream {
             Stream::Unix(s) => s.as_fd(),
         };
         let mut fds = [PollFd::new(&fd, PollFlags::IN)];
-        match poll(&mut fds, Some(&Timespec { tv_sec: 0, tv_nsec: 0 })) {
+        let t = Timespec { tv_sec: timeout.as_secs() as _, tv_nsec: timeout.subsec_nanos() as _ };
+        match poll(&mut fds, Some(&t)) {
             Ok(n) => n > 0,
             // Let the real read report any error.
             Err(e) => e != rustix::io::Errno::INTR,

@@ -58,8 +58,11 @@ const HOLE_ALIGN: u64 = 512;
 const BLOCKING_SHARE_MAX: u32 = 1024 / 8;
 /// How long the reader looks for the next request before it sleeps.
 const SPIN_NS: u64 = 50_000;
+/// A connection that sends nothing for this long is idle: its buffers are
+/// released while it waits.
+const IDLE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 /// Payload buffers kept per connection for reuse.
-const POOLED_PAYLOADS: usize = 8;
+const POOLED_PAYLOADS: usize = 4;
 /// How long replies are held back waiting for the next request.
 const COALESCE_NS: u64 = 30_000;
 /// Replies held back for one send: at most this many bytes...
@@ -103,6 +106,12 @@ impl OutBuf {
         if self.buf.len() > RETAIN_BYTES {
             self.buf = Vec::new();
         }
+    }
+
+    /// Drop the (empty) buffer's memory.
+    fn release(&mut self) {
+        debug_assert!(self.is_empty());
+        self.buf = Vec::new();
     }
 
     /// `len` bytes at the end, appended (not zeroed if already initialised).
@@ -539,7 +548,14 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                     // server costs the client too, whose send then has to
                     // wake us (on loopback, in the client's own time).
                     if let (Some(p), true) = (self.probe, reader.buffer().is_empty()) {
-                        wait_readable(p, &mut spin, SPIN_NS);
+                        if !wait_readable(p, &mut spin, SPIN_NS) && !p.readable_within(IDLE_AFTER) {
+                            // The client is idle: give back what large
+                            // requests made this connection keep, so many
+                            // idle connections cost little memory.
+                            out.release();
+                            *payload_buf = Vec::new();
+                            self.payloads.lock().unwrap_or_else(|e| e.into_inner()).clear();
+                        }
                     }
                 }
             }
