@@ -2048,6 +2048,61 @@ fn extended_headers_never_send_simple_replies() {
     assert_still_serving(&mut srv);
 }
 
+/// A client that sends many large READs and reads none of the replies
+/// fills its socket, so the server's thread for that connection blocks in
+/// its send. Other clients are served meanwhile, and once the first one
+/// reads, every reply is there, whole and correct.
+#[test]
+fn a_client_that_does_not_read_its_replies_stalls_only_itself() {
+    let (_ex, mut srv) = start(&[]);
+    let mut c = Conn::open(&srv.addr, "mem", Mode::Structured, false);
+    let data = random_bytes(8 * MIB as usize, 77);
+    for i in 0..8 {
+        assert_eq!(c.write(i * MIB, &data[(i * MIB) as usize..((i + 1) * MIB) as usize]), 0);
+    }
+    // 48 MiB of replies, far more than the socket buffers hold.
+    let mut requests = Vec::new();
+    let mut expect = Vec::new();
+    for i in 0..48u64 {
+        let cookie = c.cookie();
+        let off = (i % 8) * MIB;
+        requests.extend(encode_request(c.mode, 0, CMD_READ, cookie, off, MIB, &[]));
+        expect.push((cookie, Some((off, MIB))));
+    }
+    c.raw.send(&requests);
+    // Let the server fill the socket and block on it.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_still_serving(&mut srv);
+    let got = send_and_collect(&mut c, Vec::new(), &expect);
+    for (cookie, want) in &expect {
+        let (off, len) = want.unwrap();
+        let (error, bytes) = &got[cookie];
+        assert_eq!(*error, 0, "read at {off}");
+        assert!(bytes[..] == data[off as usize..(off + len) as usize], "read at {off}: data differs");
+    }
+    assert_still_serving(&mut srv);
+}
+
+/// After a second without requests a connection gives back its large
+/// buffers; it then serves large reads and writes as before.
+#[test]
+fn a_connection_idle_long_enough_to_release_its_buffers_keeps_working() {
+    let ex = Exports::new();
+    ex.snippet("mem", MEM);
+    let mut srv = Server::start(&ex, &["--log-level", "debug"]);
+    let mut c = Conn::open(&srv.addr, "mem", Mode::Extended, false);
+    let a = random_bytes(MIB as usize + 4096, 5);
+    assert_eq!(c.write(MIB, &a), 0);
+    assert_eq!(c.read(MIB, a.len() as u64).unwrap(), a);
+    std::thread::sleep(Duration::from_millis(1300));
+    assert!(srv.log().contains("idle; releasing its request buffers"), "{}", srv.log());
+    let b = random_bytes(MIB as usize + 4096, 6);
+    assert_eq!(c.write(MIB, &b), 0);
+    assert_eq!(c.read(MIB, b.len() as u64).unwrap(), b);
+    assert_eq!(c.read(MIB, 512).unwrap(), b[..512]);
+    assert_still_serving(&mut srv);
+}
+
 /// #41: every extended reply chunk carries the request's offset, even the
 /// OFFSET_DATA/OFFSET_HOLE chunks of a split read whose payload offsets
 /// differ.

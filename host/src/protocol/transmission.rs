@@ -552,6 +552,9 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                             // The client is idle: give back what large
                             // requests made this connection keep, so many
                             // idle connections cost little memory.
+                            if out.buf.capacity() + payload_buf.capacity() > 0 {
+                                log::debug!("{}: idle; releasing its request buffers", self.peer);
+                            }
                             out.release();
                             *payload_buf = Vec::new();
                             self.payloads.lock().unwrap_or_else(|e| e.into_inner()).clear();
