@@ -2083,6 +2083,30 @@ fn a_client_that_does_not_read_its_replies_stalls_only_itself() {
     assert_still_serving(&mut srv);
 }
 
+/// Pipelined WRITEs of 32 MiB each (the payload limit): together far over
+/// the per-connection in-flight budget, so the server must send the
+/// replies it holds back before it waits for room for the next one.
+#[test]
+fn pipelined_maximum_size_writes_beyond_the_in_flight_budget_all_complete() {
+    let (_ex, mut srv) = start(&[("big", "[[layer]]\nplugin = \"memory\"\nsize = \"256M\"\n")]);
+    let mut c = Conn::open(&srv.addr, "big", Mode::Extended, false);
+    let chunk = 32 * MIB;
+    let data = random_bytes(chunk as usize, 11);
+    let mut requests = Vec::new();
+    let mut expect = Vec::new();
+    for i in 0..6u64 {
+        let cookie = c.cookie();
+        requests.extend(encode_request(c.mode, FLAG_PAYLOAD_LEN, CMD_WRITE, cookie, i * chunk, chunk, &data));
+        expect.push((cookie, None));
+    }
+    let got = send_and_collect(&mut c, requests, &expect);
+    assert!(got.values().all(|(e, _)| *e == 0), "{got:?}");
+    for i in [0u64, 5] {
+        assert!(c.read(i * chunk + 4096, 8192).unwrap() == data[4096..4096 + 8192], "slice {i}");
+    }
+    assert_still_serving(&mut srv);
+}
+
 /// After a second without requests a connection gives back its large
 /// buffers; it then serves large reads and writes as before.
 #[test]

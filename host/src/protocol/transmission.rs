@@ -591,7 +591,12 @@ impl<'a, W: Write + Send> Conn<'a, W> {
             let plen = plen as usize;
             let read_len = if req.command == CMD_READ { req.length.min(MAX_PAYLOAD_DEFAULT as u64) } else { 0 };
             let cost = plen + read_len as usize;
-            self.admit(cost);
+            if !self.try_admit(cost) {
+                // Replies we hold count as in flight: send them before
+                // waiting for room, or we could wait for ourselves.
+                self.flush(out, held)?;
+                self.admit(cost);
+            }
             let inline = req.command != CMD_DISC && (!self.parallel || self.runs_inline(req.command));
             // The payload is on the wire whatever we decide about the
             // request: read it to keep framing. Run inline, a payload that
@@ -679,6 +684,18 @@ impl<'a, W: Write + Send> Conn<'a, W> {
         let avg = &self.blocking[kind(command)];
         let old = avg.load(Ordering::Relaxed);
         avg.store(old - old / 4 + if slept { 1024 / 4 } else { 0 }, Ordering::Relaxed);
+    }
+
+    /// Count a request of `cost` bytes in flight if there is room now.
+    fn try_admit(&self, cost: usize) -> bool {
+        let mut f = self.flight.lock().unwrap_or_else(|e| e.into_inner());
+        if f.requests > 0 && (f.requests >= MAX_IN_FLIGHT_REQUESTS || f.bytes + cost > MAX_IN_FLIGHT_BYTES) {
+            return false;
+        }
+        f.requests += 1;
+        f.bytes += cost;
+        self.busy.store(f.requests, Ordering::SeqCst);
+        true
     }
 
     /// Wait until a request of `cost` bytes may be in flight, then count it.
