@@ -160,6 +160,10 @@ type PwriteFn = unsafe extern "C" fn(Handle, *const u8, u64, u64, u32) -> i32;
 type FlushFn = unsafe extern "C" fn(Handle, u32) -> i32;
 type RangeFn = unsafe extern "C" fn(Handle, u64, u64, u32) -> i32;
 type ExtentsFn = unsafe extern "C" fn(Handle, u64, u64, u32, *mut ExtentSink) -> i32;
+type LendFn = unsafe extern "C" fn(Handle, u64, u64, u32, abi::LendSink, *mut c_void) -> i32;
+
+/// What receives a layer's lent pieces: `Err` carries an errno.
+pub type LendReceiver<'a> = dyn FnMut(&[&[u8]]) -> Result<(), i32> + 'a;
 type CreateFn = unsafe extern "C" fn(*const Param, usize, *mut abi::Instance) -> i32;
 
 /// The per-handle callbacks, which backends and filters share.
@@ -187,6 +191,8 @@ struct Ops {
     zero: Option<RangeFn>,
     extents: Option<ExtentsFn>,
     cache: Option<RangeFn>,
+    /// Backends only (ABI 1.1).
+    pread_lend: Option<LendFn>,
 }
 
 macro_rules! ops_from {
@@ -214,6 +220,7 @@ macro_rules! ops_from {
             zero: $t.zero,
             extents: $t.extents,
             cache: $t.cache,
+            pread_lend: None,
         }
     };
 }
@@ -348,7 +355,8 @@ impl LoadedPlugin {
                     )));
                 }
                 let common = (t.thread_model, t.name, t.version, t.description, t.params, t.n_params);
-                (Kind::Backend { open: t.open.expect("checked") }, ops_from!(t), common)
+                let ops = Ops { pread_lend: t.pread_lend, ..ops_from!(t) };
+                (Kind::Backend { open: t.open.expect("checked") }, ops, common)
             }
             abi::PLUGIN_KIND_FILTER => {
                 let t: FilterTable =
@@ -459,6 +467,7 @@ impl LoadedPlugin {
             ("zero", t.zero.is_some()),
             ("extents", t.extents.is_some()),
             ("cache", t.cache.is_some()),
+            ("pread_lend", t.pread_lend.is_some()),
         ]
         .into_iter()
         .filter_map(|(name, present)| present.then_some(name))
@@ -603,6 +612,8 @@ pub struct Provided {
     pub extents: bool,
     /// `cache`
     pub cache: bool,
+    /// `pread_lend` (backends, ABI 1.1)
+    pub pread_lend: bool,
 }
 
 impl PluginHandle {
@@ -631,6 +642,7 @@ impl PluginHandle {
             zero: t.zero.is_some(),
             extents: t.extents.is_some(),
             cache: t.cache.is_some(),
+            pread_lend: t.pread_lend.is_some(),
         }
     }
 
@@ -683,6 +695,36 @@ impl PluginHandle {
         let Some(f) = self.table().pread else { return Err(absent("pread", libc::EINVAL)) };
         // SAFETY: `buf` is writable for its length during the call.
         self.call("pread", || unsafe { f(self.ptr, buf.as_mut_ptr(), buf.len() as u64, offset, flags) })
+    }
+
+    /// Lend `[offset, offset+count)`: `sink` gets the plugin's pieces, valid
+    /// only while it runs, and its error (an errno) is what this returns.
+    /// Absent callback: `EINVAL` (check [`Provided::pread_lend`] first).
+    pub fn pread_lend(
+        &self,
+        count: u64,
+        offset: u64,
+        flags: u32,
+        sink: &mut LendReceiver<'_>,
+    ) -> Result<(), PluginError> {
+        let Some(f) = self.table().pread_lend else { return Err(absent("pread_lend", libc::EINVAL)) };
+        let mut ctx = LendCtx { sink, total: 0, calls: 0 };
+        let ctx_ptr = &mut ctx as *mut LendCtx<'_> as *mut c_void;
+        // SAFETY: `lend_sink` is given `ctx_ptr`, which points at `ctx` and
+        // outlives the call.
+        let r = self.call("pread_lend", || unsafe { f(self.ptr, count, offset, flags, lend_sink, ctx_ptr) });
+        match r {
+            Ok(()) if ctx.calls != 1 || ctx.total != count => Err(PluginError {
+                errno: libc::EIO,
+                message: format!(
+                    "plugin {}: pread_lend lent {} bytes in {} calls for a read of {count}",
+                    self.plugin().name,
+                    ctx.total,
+                    ctx.calls
+                ),
+            }),
+            r => r,
+        }
     }
 
     /// Write `buf`. Absent callback: `EROFS`.
@@ -913,6 +955,49 @@ unsafe extern "C" fn next_extents(ctx: *mut c_void, count: u64, offset: u64, fla
         }
         Ok(())
     })
+}
+
+struct LendCtx<'a> {
+    sink: &'a mut LendReceiver<'a>,
+    total: u64,
+    calls: u32,
+}
+
+/// The host's `LendSink`: hands the plugin's pieces to the closure in
+/// `LendCtx`. Refuses a second call (the contract is exactly one).
+unsafe extern "C" fn lend_sink(ctx: *mut c_void, pieces: *const abi::LendPiece, n: usize) -> i32 {
+    // SAFETY: `ctx` is the `LendCtx` that `PluginHandle::pread_lend` passed
+    // for this call, alive and not otherwise borrowed while the plugin runs.
+    let ctx = unsafe { &mut *(ctx as *mut LendCtx<'_>) };
+    ctx.calls += 1;
+    if ctx.calls > 1 || (n > 0 && pieces.is_null()) {
+        return libc::EIO;
+    }
+    let raw: &[abi::LendPiece] = if n == 0 {
+        &[]
+    } else {
+        // SAFETY: the plugin passes `n` pieces at `pieces` (checked non-null).
+        unsafe { std::slice::from_raw_parts(pieces, n) }
+    };
+    let mut slices: Vec<&[u8]> = Vec::with_capacity(raw.len());
+    for p in raw {
+        if p.len == 0 {
+            continue;
+        }
+        if p.data.is_null() {
+            return libc::EIO;
+        }
+        // SAFETY: the plugin guarantees each piece readable and unchanged
+        // until this function returns.
+        slices.push(unsafe { std::slice::from_raw_parts(p.data, p.len as usize) });
+        ctx.total += p.len;
+    }
+    // A panic in the host's own closure must not unwind into the plugin.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (ctx.sink)(&slices))) {
+        Ok(Ok(())) => 0,
+        Ok(Err(errno)) => errno.max(1),
+        Err(_) => libc::EIO,
+    }
 }
 
 fn absent(what: &str, errno: i32) -> PluginError {

@@ -7,7 +7,7 @@
 //! type, so their calls get the same checks.
 
 use crate::error::{NbdErrno, OpError};
-use crate::loader::{NextTable, NextTarget, PluginError, PluginHandle, Provided};
+use crate::loader::{LendReceiver, NextTable, NextTarget, PluginError, PluginHandle, Provided};
 use nbdhost_plugin_api::abi::{self, BlockSize};
 use nbdhost_plugin_api::ThreadModel;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -55,6 +55,8 @@ pub struct Capabilities {
     pub rotational: bool,
     /// Block-size constraints, defaults filled in.
     pub block_size: BlockSize,
+    /// Reads can be lent instead of copied (ABI 1.1 `pread_lend`).
+    pub lend: bool,
 }
 
 fn yes(v: Option<u32>, default: bool) -> bool {
@@ -111,6 +113,7 @@ impl Capabilities {
             cache,
             rotational: yes(h.can(abi::CAN_ROTATIONAL)?, false),
             block_size,
+            lend: p.pread_lend,
         })
     }
 }
@@ -131,6 +134,17 @@ pub trait Layer: Send + Sync {
     fn can(&self, which: u32) -> Result<Option<u32>, PluginError>;
     /// Read.
     fn pread(&self, buf: &mut [u8], offset: u64, flags: u32) -> Result<(), PluginError>;
+    /// Lend instead of reading (backends with `pread_lend` only): `sink`
+    /// gets the layer's own pieces, valid while it runs.
+    fn pread_lend(
+        &self,
+        _count: u64,
+        _offset: u64,
+        _flags: u32,
+        _sink: &mut LendReceiver<'_>,
+    ) -> Result<(), PluginError> {
+        Err(PluginError { errno: libc::EINVAL, message: format!("{} does not lend data", self.name()) })
+    }
     /// Write.
     fn pwrite(&self, buf: &[u8], offset: u64, flags: u32) -> Result<(), PluginError>;
     /// Flush.
@@ -169,6 +183,9 @@ impl Layer for PluginHandle {
     }
     fn pread(&self, buf: &mut [u8], offset: u64, flags: u32) -> Result<(), PluginError> {
         PluginHandle::pread(self, buf, offset, flags)
+    }
+    fn pread_lend(&self, count: u64, offset: u64, flags: u32, sink: &mut LendReceiver<'_>) -> Result<(), PluginError> {
+        PluginHandle::pread_lend(self, count, offset, flags, sink)
     }
     fn pwrite(&self, buf: &[u8], offset: u64, flags: u32) -> Result<(), PluginError> {
         PluginHandle::pwrite(self, buf, offset, flags)
@@ -580,6 +597,16 @@ impl CheckedLayer {
         let _g = self.lock.enter();
         log::trace!("{}: pread {}+{}", self.name, offset, buf.len());
         self.inner.pread(buf, offset, 0).map_err(Into::into)
+    }
+
+    /// Read `len` bytes at `offset` by having the layer lend them to `sink`
+    /// (only if [`Capabilities::lend`]); the same checks as [`Self::read`].
+    pub fn read_lend(&self, len: u64, offset: u64, sink: &mut LendReceiver<'_>) -> Result<(), OpError> {
+        self.check_payload(len, "read")?;
+        self.range(len, offset, NbdErrno::Inval, "read")?;
+        let _g = self.lock.enter();
+        log::trace!("{}: pread_lend {}+{}", self.name, offset, len);
+        self.inner.pread_lend(len, offset, 0, sink).map_err(Into::into)
     }
 
     /// Write `buf` at `offset`.

@@ -56,6 +56,36 @@ impl Stream {
             Err(e) => e != rustix::io::Errno::INTR,
         }
     }
+    /// Send as much of `bufs` (in order) as the socket takes without
+    /// blocking; returns how many bytes went. Nothing was sent if the
+    /// socket is full (`Ok(0)`).
+    pub fn send_nonblocking(&self, bufs: &[&[u8]]) -> io::Result<usize> {
+        use rustix::net::{sendmsg, SendAncillaryBuffer, SendFlags};
+        use std::os::fd::AsFd;
+        let fd = match self {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
+        };
+        let mut sent = 0;
+        // sendmsg takes at most IOV_MAX (1024) pieces at a time.
+        for group in bufs.chunks(512) {
+            let iov: Vec<io::IoSlice<'_>> = group.iter().map(|b| io::IoSlice::new(b)).collect();
+            let want: usize = group.iter().map(|b| b.len()).sum();
+            let flags = SendFlags::DONTWAIT | SendFlags::NOSIGNAL;
+            match sendmsg(fd, &iov, &mut SendAncillaryBuffer::default(), flags) {
+                Ok(n) => {
+                    sent += n;
+                    if n < want {
+                        break;
+                    }
+                }
+                Err(e) if e == rustix::io::Errno::AGAIN || e == rustix::io::Errno::INTR => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(sent)
+    }
+
     /// Shut down one or both directions.
     pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         match self {

@@ -58,7 +58,7 @@ extern "C" {
 /** Major version: bumped only for incompatible changes. */
 #define NBDHOST_ABI_MAJOR 1
 /** Minor version: bumped when fields are appended to a table. */
-#define NBDHOST_ABI_MINOR 0
+#define NBDHOST_ABI_MINOR 1
 
 /** Name of the single symbol a plugin exports. */
 #define NBDHOST_ENTRY_POINT "nbdhost_plugin_entry"
@@ -249,8 +249,20 @@ struct nbdhost_extent_sink {
 /** A capability query: writes the answer to *out. */
 typedef int (*nbdhost_can_fn) (nbdhost_handle h, uint32_t *out);
 
+/** One lent piece of data (ABI 1.1): len bytes at data. */
+struct nbdhost_lend_piece {
+  /** First byte. */
+  const uint8_t *data;
+  /** Number of bytes. */
+  uint64_t len;
+};
+
+/** The host's receiver for lent data (ABI 1.1): n pieces. Returns 0, or an
+ * errno that pread_lend must return unchanged. */
+typedef int (*nbdhost_lend_sink) (void *ctx, const struct nbdhost_lend_piece *pieces, size_t n);
+
 /**
- * The table a backend's entry point returns (ABI 1.0 layout). Make it a
+ * The table a backend's entry point returns (ABI 1.1 layout). Make it a
  * static, initialise the header with NBDHOST_BACKEND_TABLE_HEADER and set
  * the callbacks you have. create, open, get_size and pread are required;
  * every other callback may be NULL, and the host then falls back: FUA is
@@ -331,6 +343,16 @@ struct nbdhost_plugin_table {
                   struct nbdhost_extent_sink *sink);
   /** Advisory prefetch. */
   int (*cache) (nbdhost_handle h, uint64_t count, uint64_t offset, uint32_t flags);
+
+  /* ---- ABI 1.1 ---- */
+
+  /** Optional: lend [offset, offset+count) instead of copying it. Call
+   * sink(ctx, pieces, n) exactly once, with pieces covering the range in
+   * order that stay valid and unchanged until it returns, and return what
+   * it returned; on failure return an errno without calling it. The host
+   * still uses pread where lending does not suit it (TLS, small reads). */
+  int (*pread_lend) (nbdhost_handle h, uint64_t count, uint64_t offset, uint32_t flags,
+                     nbdhost_lend_sink sink, void *ctx);
 };
 
 /**

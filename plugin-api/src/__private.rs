@@ -32,6 +32,7 @@ type PwriteFn = unsafe extern "C" fn(Handle, *const u8, u64, u64, u32) -> i32;
 type FlushFn = unsafe extern "C" fn(Handle, u32) -> i32;
 type RangeFn = unsafe extern "C" fn(Handle, u64, u64, u32) -> i32;
 type ExtentsFn = unsafe extern "C" fn(Handle, u64, u64, u32, *mut ExtentSink) -> i32;
+type LendFn = unsafe extern "C" fn(Handle, u64, u64, u32, abi::LendSink, *mut std::ffi::c_void) -> i32;
 
 /// The optional callbacks found by probing the handle type.
 pub struct OptionalOps {
@@ -47,6 +48,8 @@ pub struct OptionalOps {
     pub extents: Option<ExtentsFn>,
     /// [`Cache`]
     pub cache: Option<RangeFn>,
+    /// [`LendRead`]
+    pub pread_lend: Option<LendFn>,
 }
 
 /// Autoref-specialisation probe: `(&Probe::<B>::new()).trim_fn()` resolves
@@ -99,6 +102,7 @@ pub mod probes {
     probe!(HasZero, NoZero, zero_fn, Zero, RangeFn, shim_zero);
     probe!(HasExtents, NoExtents, extents_fn, Extents, ExtentsFn, shim_extents);
     probe!(HasCache, NoCache, cache_fn, Cache, RangeFn, shim_cache);
+    probe!(HasLendRead, NoLendRead, pread_lend_fn, LendRead, LendFn, shim_pread_lend);
 }
 
 /// Run `f`, turning an `Err` into its errno (with the message handed to the
@@ -318,6 +322,42 @@ where
     })
 }
 
+unsafe extern "C" fn shim_pread_lend<B: Backend>(
+    h: Handle,
+    count: u64,
+    offset: u64,
+    flags: u32,
+    sink: abi::LendSink,
+    ctx: *mut std::ffi::c_void,
+) -> i32
+where
+    B::Handle: LendRead,
+{
+    guard("pread_lend", || {
+        let mut called = false;
+        let mut to_host = |pieces: &[&[u8]]| -> crate::Result<()> {
+            if std::mem::replace(&mut called, true) {
+                return Err(Error::io("pread_lend called its sink twice"));
+            }
+            let raw: Vec<abi::LendPiece> =
+                pieces.iter().map(|p| abi::LendPiece { data: p.as_ptr(), len: p.len() as u64 }).collect();
+            // SAFETY: the host's sink with its context, given pieces that
+            // stay valid for the call (they borrow from `pieces`).
+            match unsafe { sink(ctx, raw.as_ptr(), raw.len()) } {
+                0 => Ok(()),
+                // The host knows why; pass its errno back unchanged.
+                errno => Err(Error { errno, message: String::new(), from_below: true }),
+            }
+        };
+        // SAFETY: live handle.
+        let r = unsafe { handle::<B>(h) }.pread_lend(count, offset, Flags(flags), &mut to_host);
+        if r.is_ok() && !called {
+            return Err(Error::io("pread_lend returned without lending anything"));
+        }
+        r
+    })
+}
+
 struct TableCell(OnceLock<PluginTable>);
 
 /// Build (once) and return the plugin's table.
@@ -372,6 +412,7 @@ pub unsafe fn entry<B: Backend>(host: *const HostApi, ops: OptionalOps) -> *cons
         zero: ops.zero,
         extents: ops.extents,
         cache: ops.cache,
+        pread_lend: ops.pread_lend,
     });
     t as *const PluginTable
 }

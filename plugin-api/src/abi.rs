@@ -45,7 +45,10 @@ use core::ffi::{c_char, c_void};
 /// Major version: bumped only for incompatible changes.
 pub const ABI_MAJOR: u16 = 1;
 /// Minor version: bumped when fields are appended to a table.
-pub const ABI_MINOR: u16 = 0;
+///
+/// * 1.0: the first table.
+/// * 1.1: `PluginTable::pread_lend`.
+pub const ABI_MINOR: u16 = 1;
 
 /// Name of the single symbol a plugin exports (without the trailing NUL).
 pub const ENTRY_POINT: &str = "nbdhost_plugin_entry";
@@ -299,7 +302,31 @@ pub struct PluginTable {
         Option<unsafe extern "C" fn(h: Handle, count: u64, offset: u64, flags: u32, sink: *mut ExtentSink) -> i32>,
     /// Advisory prefetch.
     pub cache: Option<unsafe extern "C" fn(h: Handle, count: u64, offset: u64, flags: u32) -> i32>,
+
+    /// (ABI 1.1, optional) Lend `[offset, offset+count)` instead of copying
+    /// it: call `sink(ctx, pieces, n)` exactly once, with pieces that cover
+    /// the range in order, and return what it returned. The pieces must stay
+    /// valid and unchanged until `sink` returns; the host sends them from
+    /// there. On failure return an errno without calling `sink`. The host
+    /// still calls `pread` when lending does not suit it (TLS, small reads).
+    pub pread_lend: Option<
+        unsafe extern "C" fn(h: Handle, count: u64, offset: u64, flags: u32, sink: LendSink, ctx: *mut c_void) -> i32,
+    >,
 }
+
+/// One lent piece of data: `len` bytes at `data`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct LendPiece {
+    /// First byte.
+    pub data: *const u8,
+    /// Number of bytes.
+    pub len: u64,
+}
+
+/// The host's receiver for lent data: `n` pieces at `pieces`. Returns 0, or
+/// an errno that `pread_lend` must return unchanged.
+pub type LendSink = unsafe extern "C" fn(ctx: *mut c_void, pieces: *const LendPiece, n: usize) -> i32;
 
 /// The layer below a filter, as the host offers it. Every call goes through
 /// the host's checks for that layer (ranges, flags, capability emulation),

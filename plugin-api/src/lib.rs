@@ -94,7 +94,7 @@ pub use error::{Error, Result};
 pub use filter::{Filter, FilterConnection, Next};
 pub use params::{param, ParamKind, Params};
 pub use traits::{
-    Backend, BlockSize, Cache, Connection, ExtentList, Extents, Flags, Flush, OpenContext, Pwrite, Support,
+    Backend, BlockSize, Cache, Connection, ExtentList, Extents, Flags, Flush, LendRead, OpenContext, Pwrite, Support,
     ThreadModel, Trim, Zero,
 };
 
@@ -124,6 +124,7 @@ macro_rules! export_backend {
                 zero: probe.zero_fn(),
                 extents: probe.extents_fn(),
                 cache: probe.cache_fn(),
+                pread_lend: probe.pread_lend_fn(),
             };
             // SAFETY: `host` comes from the nbdhost loader and lives as long
             // as this library stays loaded.

@@ -177,6 +177,23 @@ pub trait Extents: Connection {
     fn extents(&self, count: u64, offset: u64, flags: Flags, out: &mut ExtentList<'_>) -> Result<()>;
 }
 
+/// Lending data instead of copying it (ABI 1.1): for backends that hold
+/// the data in memory, so the host can send it from there.
+pub trait LendRead: Connection {
+    /// Call `sink` once with slices covering `[offset, offset+count)` in
+    /// order, kept valid and unchanged while it runs (hold your locks), and
+    /// return what it returns. Fail without calling it if the range cannot
+    /// be read. `pread` must still work: the host uses it where lending
+    /// does not suit it.
+    fn pread_lend(
+        &self,
+        count: u64,
+        offset: u64,
+        flags: Flags,
+        sink: &mut dyn FnMut(&[&[u8]]) -> Result<()>,
+    ) -> Result<()>;
+}
+
 /// Prefetching.
 pub trait Cache: Connection {
     /// Advisory: bring `[offset, offset+count)` into a faster tier.

@@ -258,3 +258,41 @@ fn each_thread_model_is_enforced_by_the_host() {
     let (all, _, handles) = observed_concurrency(Some("serialize_connections"));
     assert_eq!((all, handles), (1, 1), "two connections served at once");
 }
+
+/// ABI 1.1 lending, through the `faulty` plugin's modes (reads of 64 KiB
+/// or more are lent): lent data reaches the client intact; a plugin that
+/// lends too little or panics fails that read with EIO and the connection
+/// goes on; one that calls the sink a second time is refused, after the
+/// first call's data went out whole.
+#[test]
+fn lent_reads_reach_the_client_and_broken_lending_fails_only_that_read() {
+    let dir = build_test_plugin("faulty");
+    let data = random_bytes(256 << 10, 3);
+    let at = 8u64 << 20; // clear of the blocks that panic, fail or sleep
+    for (mode, lent) in [("good", true), ("copy", true), ("twice", true), ("short", false), ("panic", false)] {
+        let ex = Exports::new();
+        ex.snippet("f", &format!("[[layer]]\nplugin = \"faulty\"\nlend = \"{mode}\"\n"));
+        let mut srv = Server::start(&ex, &["--plugin-dir", dir.to_str().unwrap()]);
+        let mut r = Raw::fixed(&srv.addr);
+        r.go("f");
+        r.request(0, 1, 1, at, data.len() as u32, &data);
+        assert_eq!(r.simple_reply(), (0, 1), "{mode}: write");
+        r.request(0, 0, 2, at, data.len() as u32, &[]);
+        let (err, cookie) = r.simple_reply();
+        assert_eq!(cookie, 2);
+        if lent {
+            assert_eq!(err, 0, "{mode}: lent read\n{}", srv.log());
+            assert!(r.try_read(data.len()).unwrap() == data, "{mode}: lent data differs");
+        } else {
+            assert_eq!(err, 5, "{mode}: a broken lend is EIO\n{}", srv.log());
+        }
+        // The same connection goes on (a 4 KiB read is not lent).
+        r.request(0, 0, 3, at, 4096, &[]);
+        assert_eq!(r.simple_reply(), (0, 3), "{mode}: next read");
+        assert_eq!(r.try_read(4096).unwrap(), data[..4096], "{mode}");
+        if mode == "twice" {
+            assert!(srv.log().contains("failed after lending its data"), "{}", srv.log());
+        }
+        assert!(srv.alive(), "{mode}: server died\n{}", srv.log());
+    }
+}

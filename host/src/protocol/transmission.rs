@@ -61,6 +61,9 @@ const SPIN_NS: u64 = 50_000;
 /// A connection that sends nothing for this long is idle: its buffers are
 /// released while it waits.
 const IDLE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+/// Data runs at least this long are lent by layers that can (memory):
+/// sent from the layer's pages instead of copied into the reply first.
+const LEND_MIN: usize = 64 * 1024;
 /// Payload buffers kept per connection for reuse.
 const POOLED_PAYLOADS: usize = 4;
 /// How long replies are held back waiting for the next request.
@@ -376,6 +379,18 @@ struct Conn<'a, W: Write> {
     probe: Option<&'a Stream>,
     /// Payload buffers of finished worker requests, for reuse.
     payloads: Mutex<Vec<Vec<u8>>>,
+}
+
+/// The bytes of `parts` after the first `skip`, appended to `rest`.
+fn copy_unsent(parts: &[&[u8]], mut skip: usize, rest: &mut Vec<u8>) {
+    for p in parts {
+        if skip >= p.len() {
+            skip -= p.len();
+        } else {
+            rest.extend_from_slice(&p[skip..]);
+            skip = 0;
+        }
+    }
 }
 
 /// Busy-waiting for the next request, backed off after misses: a wait that
@@ -1001,7 +1016,7 @@ impl<'a, W: Write + Send> Conn<'a, W> {
     ) -> bool {
         let len = req.length as usize;
         if self.mode == ReplyMode::Simple {
-            if let Err(e) = out.data(self.layer, req, req.offset, len, true) {
+            if let Err(e) = self.data_run(req, req.offset, len, true, out) {
                 self.log_failure(req, &e);
                 out.error(req, &e, None, true);
             }
@@ -1056,7 +1071,7 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                 Self::holes(req, off, len, last, out);
                 continue;
             }
-            if let Err(e) = out.data(self.layer, req, off, len as usize, last) {
+            if let Err(e) = self.data_run(req, off, len as usize, last, out) {
                 self.log_failure(req, &e);
                 // Nothing sent covers `off` yet: report it there. With DF
                 // (a single chunk) plain ERROR is the only honest form.
@@ -1065,6 +1080,87 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                 return;
             }
         }
+    }
+
+    /// One data run of a read (the whole reply in simple mode): lent by
+    /// the layer and sent from its memory where possible, else read into
+    /// `out`. On failure nothing of it was sent.
+    fn data_run(&self, req: &Request, offset: u64, len: usize, done: bool, out: &mut OutBuf) -> Result<(), OpError> {
+        match self.probe {
+            Some(probe) if len >= LEND_MIN && self.layer.caps().lend => {
+                self.lend_run(probe, req, offset, len, done, out)
+            }
+            _ => out.data(self.layer, req, offset, len, done),
+        }
+    }
+
+    /// Send a data run straight from the layer's memory: what `out` holds,
+    /// the chunk header and the lent pieces go in one non-blocking vectored
+    /// send while the layer keeps them stable; whatever the socket did not
+    /// take is copied and sent after the layer lets go, so a slow client
+    /// never makes the layer hold its locks. The reply lock is held
+    /// throughout, so nothing interleaves.
+    fn lend_run(
+        &self,
+        probe: &Stream,
+        req: &Request,
+        offset: u64,
+        len: usize,
+        done: bool,
+        out: &mut OutBuf,
+    ) -> Result<(), OpError> {
+        let mark = (out.used, out.replies);
+        if self.mode == ReplyMode::Simple {
+            out.put(codec::simple_reply(0, req.cookie).as_bytes());
+            out.replies += 1;
+        } else {
+            out.chunk(req, done, REPLY_TYPE_OFFSET_DATA, 8 + len as u64);
+            out.put(&offset.to_be_bytes());
+        }
+        let mut w = self.writer.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rest: Vec<u8> = Vec::new();
+        let mut sent = false;
+        let mut broken: Option<io::Error> = None;
+        let r = {
+            let head = out.bytes();
+            self.layer.read_lend(len as u64, offset, &mut |pieces: &[&[u8]]| {
+                if pieces.iter().map(|p| p.len()).sum::<usize>() != len {
+                    return Err(libc::EIO);
+                }
+                let mut all: Vec<&[u8]> = Vec::with_capacity(pieces.len() + 1);
+                all.push(head);
+                all.extend_from_slice(pieces);
+                match probe.send_nonblocking(&all) {
+                    Ok(n) => {
+                        copy_unsent(&all, n, &mut rest);
+                        sent = true;
+                        Ok(())
+                    }
+                    Err(e) => {
+                        broken = Some(e);
+                        Err(libc::EPIPE)
+                    }
+                }
+            })
+        };
+        if !sent && broken.is_none() {
+            (out.used, out.replies) = mark;
+            return r.and(Err(OpError::new(NbdErrno::Io, "READ: the layer lent nothing")));
+        }
+        if let (Err(e), true) = (&r, sent) {
+            log::warn!("{}: READ {offset}+{len}: the layer failed after lending its data: {e}", self.peer);
+        }
+        out.clear();
+        let finished = match broken {
+            Some(e) => Err(e),
+            None => w.write_all(&rest).and_then(|()| w.flush()),
+        };
+        if let Err(e) = finished {
+            // Part of a chunk is on the wire: the stream cannot go on.
+            log::debug!("{}: writing a reply failed: {e}", self.peer);
+            let _ = probe.shutdown(std::net::Shutdown::Both);
+        }
+        Ok(())
     }
 
     fn holes(req: &Request, mut off: u64, mut len: u64, done: bool, out: &mut OutBuf) {

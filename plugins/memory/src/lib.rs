@@ -5,7 +5,7 @@
 
 use nbdhost_plugin_api::abi::{EXTENT_HOLE, EXTENT_ZERO};
 use nbdhost_plugin_api::{
-    export_backend, param, Backend, Cache, Connection, Error, ExtentList, Extents, Flags, Flush, OpenContext,
+    export_backend, param, Backend, Cache, Connection, Error, ExtentList, Extents, Flags, Flush, LendRead, OpenContext,
     ParamKind, Params, Pwrite, Result, Support, Trim, Zero,
 };
 use std::collections::HashMap;
@@ -122,6 +122,29 @@ impl SparseStore {
             }
         }
         Ok(())
+    }
+
+    /// Hand `sink` the bytes of `[offset, offset+len)` where they lie: the
+    /// pages (read-locked while it runs) and, for holes, a shared zero page.
+    /// All pages are found first and then locked, so no shard lock is taken
+    /// while page locks are held (`zero` holds a shard lock while it waits
+    /// for a page lock).
+    pub fn lend(&self, len: u64, offset: u64, sink: &mut dyn FnMut(&[&[u8]]) -> Result<()>) -> Result<()> {
+        static ZERO_PAGE: [u8; PAGE as usize] = [0; PAGE as usize];
+        self.check(len, offset)?;
+        let found: Vec<(Option<Page>, usize, usize)> =
+            Self::pieces(offset, len).map(|(page, at, n, _)| (self.page(page), at, n)).collect();
+        let guards: Vec<_> =
+            found.iter().map(|(p, _, _)| p.as_ref().map(|p| p.read().unwrap_or_else(|e| e.into_inner()))).collect();
+        let slices: Vec<&[u8]> = found
+            .iter()
+            .zip(&guards)
+            .map(|(&(_, at, n), g)| match g {
+                Some(g) => &g[at..at + n],
+                None => &ZERO_PAGE[..n],
+            })
+            .collect();
+        sink(&slices)
     }
 
     /// Write `buf` at `offset`, allocating pages as needed.
@@ -256,6 +279,18 @@ impl Pwrite for MemoryHandle {
     }
 }
 
+impl LendRead for MemoryHandle {
+    fn pread_lend(
+        &self,
+        count: u64,
+        offset: u64,
+        _flags: Flags,
+        sink: &mut dyn FnMut(&[&[u8]]) -> Result<()>,
+    ) -> Result<()> {
+        self.store.lend(count, offset, sink)
+    }
+}
+
 impl Flush for MemoryHandle {
     fn flush(&self, _flags: Flags) -> Result<()> {
         Ok(())
@@ -344,6 +379,27 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
+    }
+
+    #[test]
+    fn lent_pieces_are_what_a_read_returns() {
+        let s = SparseStore::new(8 * PAGE);
+        let data: Vec<u8> = (0..3 * PAGE as u32).map(|i| (i % 253) as u8 | 1).collect();
+        s.write(&data, PAGE + 100).unwrap();
+        for (off, len) in [(0, 8 * PAGE), (PAGE + 50, 2 * PAGE), (5 * PAGE, 3 * PAGE), (7, 1)] {
+            let mut want = vec![0u8; len as usize];
+            s.read(&mut want, off).unwrap();
+            let mut got = Vec::new();
+            s.lend(len, off, &mut |pieces| {
+                for p in pieces {
+                    got.extend_from_slice(p);
+                }
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(got, want, "{off}+{len}");
+        }
+        assert!(s.lend(2, 8 * PAGE - 1, &mut |_| Ok(())).is_err(), "out of range");
     }
 
     #[test]

@@ -7,11 +7,15 @@
 //! * reading any byte of `[delay_at, delay_at + 4096)` takes `delay_ms`
 //!   (to hold a request in flight);
 //! * `min_block` / `max_block` declare block-size constraints.
+//! * `lend` (ABI 1.1 `pread_lend`, which the host uses for reads of 64 KiB
+//!   or more): `copy` (default: lends a copy made by `pread`, so every rule
+//!   above holds), `good` (lends its memory), `short` (lends one byte too
+//!   few), `panic` (panics before lending), `twice` (calls the sink again).
 //! Every other byte reads back what was written (initially zero).
 
 use nbdhost_plugin_api::{
-    export_backend, param, Backend, BlockSize, Connection, Error, Flags, OpenContext, ParamKind, Params, Pwrite,
-    Result,
+    export_backend, param, Backend, BlockSize, Connection, Error, Flags, LendRead, OpenContext, ParamKind, Params,
+    Pwrite, Result,
 };
 use std::sync::{Arc, RwLock};
 
@@ -24,6 +28,7 @@ pub struct Faulty {
     delay_ms: u64,
     min_block: u32,
     max_block: u32,
+    lend: String,
 }
 
 pub struct FaultyHandle(Faulty);
@@ -45,6 +50,7 @@ impl Backend for Faulty {
         param(c"delay_ms", ParamKind::Int, false, Some(c"1500"), c"how slow, in milliseconds"),
         param(c"min_block", ParamKind::Size, false, Some(c"0"), c"minimum block size to declare (0: none)"),
         param(c"max_block", ParamKind::Size, false, Some(c"0"), c"maximum payload to declare (0: default)"),
+        param(c"lend", ParamKind::String, false, Some(c"copy"), c"pread_lend: copy, good, short, panic, twice"),
     ];
 
     fn create(p: &Params) -> Result<Self> {
@@ -57,6 +63,7 @@ impl Backend for Faulty {
             delay_ms: p.int("delay_ms")?.unwrap_or(1500) as u64,
             min_block: p.size("min_block")?.unwrap_or(0) as u32,
             max_block: p.size("max_block")?.unwrap_or(0) as u32,
+            lend: p.get("lend").unwrap_or("copy").to_string(),
         })
     }
 
@@ -91,6 +98,36 @@ impl Connection for FaultyHandle {
         let d = f.data.read().unwrap();
         buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
         Ok(())
+    }
+}
+
+impl LendRead for FaultyHandle {
+    fn pread_lend(
+        &self,
+        count: u64,
+        offset: u64,
+        flags: Flags,
+        sink: &mut dyn FnMut(&[&[u8]]) -> Result<()>,
+    ) -> Result<()> {
+        let d = self.0.data.read().unwrap();
+        let all = &d[offset as usize..(offset + count) as usize];
+        let (a, b) = all.split_at(all.len() / 2);
+        match self.0.lend.as_str() {
+            "copy" => {
+                drop(d);
+                let mut buf = vec![0u8; count as usize];
+                self.pread(&mut buf, offset, flags)?;
+                sink(&[&buf])
+            }
+            "good" => sink(&[a, b]),
+            "short" => sink(&[a, &b[..b.len() - 1]]),
+            "panic" => panic!("faulty plugin: deliberate panic lending offset {offset}"),
+            "twice" => {
+                sink(&[a, b])?;
+                sink(&[a, b])
+            }
+            other => Err(Error::invalid(format!("unknown lend mode {other}"))),
+        }
     }
 }
 
