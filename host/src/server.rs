@@ -14,6 +14,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+/// Send buffer asked for on accepted Unix connections (the kernel caps it
+/// at `net.core.wmem_max`).
+const UNIX_SEND_BUFFER: usize = 2 << 20;
+
 /// Runtime settings of the server.
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
@@ -134,7 +138,13 @@ impl Server {
                     let _ = s.set_nodelay(true);
                     (Stream::Tcp(s), a.to_string())
                 }),
-                Listener::Unix(u, _) => u.accept().map(|(s, _)| (Stream::Unix(s), "unix".to_string())),
+                Listener::Unix(u, _) => u.accept().map(|(s, _)| {
+                    // A Unix socket's send buffer does not grow on its own
+                    // (TCP's does): room for a whole large reply lets lent
+                    // read data leave in one send instead of being copied.
+                    let _ = rustix::net::sockopt::set_socket_send_buffer_size(&s, UNIX_SEND_BUFFER);
+                    (Stream::Unix(s), "unix".to_string())
+                }),
             };
             if self.shutting_down.load(Ordering::SeqCst) {
                 if let Listener::Unix(_, p) = &l {

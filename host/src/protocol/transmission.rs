@@ -64,6 +64,8 @@ const IDLE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 /// Data runs at least this long are lent by layers that can (memory):
 /// sent from the layer's pages instead of copied into the reply first.
 const LEND_MIN: usize = 64 * 1024;
+/// Data runs copied instead of lent after a lent one did not fit the socket.
+const LEND_SKIP_AFTER_PARTIAL: u32 = 8;
 /// Payload buffers kept per connection for reuse.
 const POOLED_PAYLOADS: usize = 4;
 /// How long replies are held back waiting for the next request.
@@ -379,6 +381,10 @@ struct Conn<'a, W: Write> {
     probe: Option<&'a Stream>,
     /// Payload buffers of finished worker requests, for reuse.
     payloads: Mutex<Vec<Vec<u8>>>,
+    /// What the socket did not take of lent read data, kept for reuse.
+    spill: Mutex<Vec<u8>>,
+    /// Data runs to copy rather than lend; see [`Conn::lend_now`].
+    lend_skip: AtomicU32,
 }
 
 /// The bytes of `parts` after the first `skip`, appended to `rest`.
@@ -500,6 +506,8 @@ impl<'a> Transmission<'a> {
             busy: self.busy,
             probe,
             payloads: Mutex::new(Vec::new()),
+            spill: Mutex::new(Vec::new()),
+            lend_skip: AtomicU32::new(0),
         };
         std::thread::scope(|scope| {
             let r = conn.read_requests(&mut reader, scope);
@@ -573,6 +581,7 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                             out.release();
                             *payload_buf = Vec::new();
                             self.payloads.lock().unwrap_or_else(|e| e.into_inner()).clear();
+                            *self.spill.lock().unwrap_or_else(|e| e.into_inner()) = Vec::new();
                         }
                     }
                 }
@@ -1087,11 +1096,23 @@ impl<'a, W: Write + Send> Conn<'a, W> {
     /// `out`. On failure nothing of it was sent.
     fn data_run(&self, req: &Request, offset: u64, len: usize, done: bool, out: &mut OutBuf) -> Result<(), OpError> {
         match self.probe {
-            Some(probe) if len >= LEND_MIN && self.layer.caps().lend => {
+            Some(probe) if len >= LEND_MIN && self.layer.caps().lend && self.lend_now() => {
                 self.lend_run(probe, req, offset, len, done, out)
             }
             _ => out.data(self.layer, req, offset, len, done),
         }
+    }
+
+    /// Lending pays when the socket takes the data at once. When it did not
+    /// (a client slower than the server: the rest is copied anyway, with an
+    /// extra send), the next runs are copied straight away for a while.
+    fn lend_now(&self) -> bool {
+        let skip = self.lend_skip.load(Ordering::Relaxed);
+        if skip > 0 {
+            self.lend_skip.store(skip - 1, Ordering::Relaxed);
+            return false;
+        }
+        true
     }
 
     /// Send a data run straight from the layer's memory: what `out` holds,
@@ -1118,7 +1139,9 @@ impl<'a, W: Write + Send> Conn<'a, W> {
             out.put(&offset.to_be_bytes());
         }
         let mut w = self.writer.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let mut rest: Vec<u8> = Vec::new();
+        // Under the reply lock, so no other thread of the connection uses it.
+        let mut rest = self.spill.lock().unwrap_or_else(|e| e.into_inner());
+        rest.clear();
         let mut sent = false;
         let mut broken: Option<io::Error> = None;
         let r = {
@@ -1133,6 +1156,9 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                 match probe.send_nonblocking(&all) {
                     Ok(n) => {
                         copy_unsent(&all, n, &mut rest);
+                        if !rest.is_empty() {
+                            self.lend_skip.store(LEND_SKIP_AFTER_PARTIAL, Ordering::Relaxed);
+                        }
                         sent = true;
                         Ok(())
                     }
@@ -1155,6 +1181,9 @@ impl<'a, W: Write + Send> Conn<'a, W> {
             Some(e) => Err(e),
             None => w.write_all(&rest).and_then(|()| w.flush()),
         };
+        if rest.capacity() > RETAIN_BYTES {
+            *rest = Vec::new();
+        }
         if let Err(e) = finished {
             // Part of a chunk is on the wire: the stream cannot go on.
             log::debug!("{}: writing a reply failed: {e}", self.peer);
