@@ -589,8 +589,7 @@ impl CheckedLayer {
 
     /// Read `buf.len()` bytes at `offset`.
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), OpError> {
-        self.check_payload(buf.len() as u64, "read")?;
-        self.range(buf.len() as u64, offset, NbdErrno::Inval, "read")?;
+        self.readable(buf.len() as u64, offset)?;
         if buf.is_empty() {
             return Ok(());
         }
@@ -599,11 +598,16 @@ impl CheckedLayer {
         self.inner.pread(buf, offset, 0).map_err(Into::into)
     }
 
+    /// The checks every read passes: payload size and range.
+    fn readable(&self, len: u64, offset: u64) -> Result<(), OpError> {
+        self.check_payload(len, "read")?;
+        self.range(len, offset, NbdErrno::Inval, "read")
+    }
+
     /// Read `len` bytes at `offset` by having the layer lend them to `sink`
     /// (only if [`Capabilities::lend`]); the same checks as [`Self::read`].
     pub fn read_lend(&self, len: u64, offset: u64, sink: &mut LendReceiver<'_>) -> Result<(), OpError> {
-        self.check_payload(len, "read")?;
-        self.range(len, offset, NbdErrno::Inval, "read")?;
+        self.readable(len, offset)?;
         let _g = self.lock.enter();
         log::trace!("{}: pread_lend {}+{}", self.name, offset, len);
         self.inner.pread_lend(len, offset, 0, sink).map_err(Into::into)

@@ -4,6 +4,7 @@
 use crate::tls::{TlsServer, TlsStream};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -43,12 +44,7 @@ impl Stream {
     /// Wait up to `timeout` for [`Stream::readable_now`] to become true.
     pub fn readable_within(&self, timeout: Duration) -> bool {
         use rustix::event::{poll, PollFd, PollFlags, Timespec};
-        use std::os::fd::AsFd;
-        let fd = match self {
-            Stream::Tcp(s) => s.as_fd(),
-            Stream::Unix(s) => s.as_fd(),
-        };
-        let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+        let mut fds = [PollFd::new(self, PollFlags::IN)];
         let t = Timespec { tv_sec: timeout.as_secs() as _, tv_nsec: timeout.subsec_nanos() as _ };
         match poll(&mut fds, Some(&t)) {
             Ok(n) => n > 0,
@@ -61,18 +57,13 @@ impl Stream {
     /// socket is full (`Ok(0)`).
     pub fn send_nonblocking(&self, bufs: &[&[u8]]) -> io::Result<usize> {
         use rustix::net::{sendmsg, SendAncillaryBuffer, SendFlags};
-        use std::os::fd::AsFd;
-        let fd = match self {
-            Stream::Tcp(s) => s.as_fd(),
-            Stream::Unix(s) => s.as_fd(),
-        };
         let mut sent = 0;
         // sendmsg takes at most IOV_MAX (1024) pieces at a time.
         for group in bufs.chunks(512) {
             let iov: Vec<io::IoSlice<'_>> = group.iter().map(|b| io::IoSlice::new(b)).collect();
             let want: usize = group.iter().map(|b| b.len()).sum();
             let flags = SendFlags::DONTWAIT | SendFlags::NOSIGNAL;
-            match sendmsg(fd, &iov, &mut SendAncillaryBuffer::default(), flags) {
+            match sendmsg(self, &iov, &mut SendAncillaryBuffer::default(), flags) {
                 Ok(n) => {
                     sent += n;
                     if n < want {
@@ -91,6 +82,15 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.shutdown(how),
             Stream::Unix(s) => s.shutdown(how),
+        }
+    }
+}
+
+impl AsFd for Stream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
         }
     }
 }

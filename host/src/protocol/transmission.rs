@@ -11,10 +11,10 @@
 //!
 //! Requests of a kind that recently slept in the layer (a disk, a network
 //! backend, the delay filter) go to worker threads instead, started as
-//! needed up to [`MAX_WORKERS`] on a parallel pipeline, so they overlap. Their replies go out as soon as they are ready, out of
-//! order, each written whole by the [`ReplyWriter`]. A large READ on a worker
-//! is split into pieces read concurrently and sent as separate OFFSET_DATA
-//! chunks. Holes reported by the layer's extents go out as OFFSET_HOLE chunks
+//! needed up to [`MAX_WORKERS`] on a parallel pipeline, so they overlap.
+//! Their replies go out as soon as they are ready, out of order, each
+//! written whole by the [`ReplyWriter`]. A large READ on a worker is split
+//! into pieces read concurrently and sent as separate OFFSET_DATA chunks. Holes reported by the layer's extents go out as OFFSET_HOLE chunks
 //! without being read at all. Memory per connection is bounded: the reader
 //! stops reading while the requests in flight hold more than
 //! [`MAX_IN_FLIGHT_BYTES`].
@@ -165,9 +165,20 @@ impl OutBuf {
         self.put(&len.to_be_bytes());
     }
 
-    /// Read `len` bytes at `offset` from `layer` straight into the reply: a
-    /// simple reply in simple mode, else an OFFSET_DATA chunk. On failure
-    /// nothing is appended.
+    /// What precedes `len` bytes of read data at `offset`: a simple reply
+    /// in simple mode, else an OFFSET_DATA chunk header and its offset.
+    fn data_header(&mut self, req: &Request, offset: u64, len: usize, done: bool) {
+        if self.mode == ReplyMode::Simple {
+            self.put(codec::simple_reply(0, req.cookie).as_bytes());
+            self.replies += 1;
+        } else {
+            self.chunk(req, done, REPLY_TYPE_OFFSET_DATA, 8 + len as u64);
+            self.put(&offset.to_be_bytes());
+        }
+    }
+
+    /// Read `len` bytes at `offset` from `layer` straight into the reply
+    /// behind its [`Self::data_header`]. On failure nothing is appended.
     pub fn data(
         &mut self,
         layer: &CheckedLayer,
@@ -177,13 +188,7 @@ impl OutBuf {
         done: bool,
     ) -> Result<(), OpError> {
         let mark = (self.used, self.replies);
-        if self.mode == ReplyMode::Simple {
-            self.put(codec::simple_reply(0, req.cookie).as_bytes());
-            self.replies += 1;
-        } else {
-            self.chunk(req, done, REPLY_TYPE_OFFSET_DATA, 8 + len as u64);
-            self.put(&offset.to_be_bytes());
-        }
+        self.data_header(req, offset, len, done);
         let r = layer.read(self.slot(len), offset);
         if r.is_err() {
             (self.used, self.replies) = mark;
@@ -304,7 +309,7 @@ fn name(cmd: u16) -> &'static str {
     }
 }
 
-/// Which service-time average a command feeds: reads, writes, the rest.
+/// Which blocking average a command feeds: reads, writes, the rest.
 fn kind(cmd: u16) -> usize {
     match cmd {
         CMD_READ => 0,
@@ -345,6 +350,14 @@ struct Flight {
     /// Threads waiting for `flight_changed` (a condvar wake-up is a
     /// syscall even when nobody waits, so `finish` only wakes if needed).
     waiters: usize,
+}
+
+impl Flight {
+    /// May one more request of `cost` bytes be in flight? (Always when
+    /// none is, so no single request can be refused forever.)
+    fn has_room(&self, cost: usize) -> bool {
+        self.requests == 0 || (self.requests < MAX_IN_FLIGHT_REQUESTS && self.bytes + cost <= MAX_IN_FLIGHT_BYTES)
+    }
 }
 
 /// Requests the reader has answered into its output buffer but not yet
@@ -572,16 +585,7 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                     // wake us (on loopback, in the client's own time).
                     if let (Some(p), true) = (self.probe, reader.buffer().is_empty()) {
                         if !wait_readable(p, &mut spin, SPIN_NS) && !p.readable_within(IDLE_AFTER) {
-                            // The client is idle: give back what large
-                            // requests made this connection keep, so many
-                            // idle connections cost little memory.
-                            if out.buf.capacity() + payload_buf.capacity() > 0 {
-                                log::debug!("{}: idle; releasing its request buffers", self.peer);
-                            }
-                            out.release();
-                            *payload_buf = Vec::new();
-                            self.payloads.lock().unwrap_or_else(|e| e.into_inner()).clear();
-                            *self.spill.lock().unwrap_or_else(|e| e.into_inner()) = Vec::new();
+                            self.release_buffers(out, payload_buf);
                         }
                     }
                 }
@@ -667,6 +671,18 @@ impl<'a, W: Write + Send> Conn<'a, W> {
         }
     }
 
+    /// The client is idle: give back what large requests made this
+    /// connection keep, so many idle connections cost little memory.
+    fn release_buffers(&self, out: &mut OutBuf, payload_buf: &mut Vec<u8>) {
+        if out.buf.capacity() + payload_buf.capacity() > 0 {
+            log::debug!("{}: idle; releasing its request buffers", self.peer);
+        }
+        out.release();
+        *payload_buf = Vec::new();
+        self.payloads.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        *self.spill.lock().unwrap_or_else(|e| e.into_inner()) = Vec::new();
+    }
+
     /// A buffer of at least `len` initialised bytes for a payload: a
     /// recycled one if possible. (Reading into spare capacity would zero it
     /// first on every request; fresh memory costs page faults.)
@@ -713,23 +729,25 @@ impl<'a, W: Write + Send> Conn<'a, W> {
     /// Count a request of `cost` bytes in flight if there is room now.
     fn try_admit(&self, cost: usize) -> bool {
         let mut f = self.flight.lock().unwrap_or_else(|e| e.into_inner());
-        if f.requests > 0 && (f.requests >= MAX_IN_FLIGHT_REQUESTS || f.bytes + cost > MAX_IN_FLIGHT_BYTES) {
+        if !f.has_room(cost) {
             return false;
         }
-        f.requests += 1;
-        f.bytes += cost;
-        self.busy.store(f.requests, Ordering::SeqCst);
+        self.count_in(&mut f, cost);
         true
     }
 
     /// Wait until a request of `cost` bytes may be in flight, then count it.
     fn admit(&self, cost: usize) {
         let mut f = self.flight.lock().unwrap_or_else(|e| e.into_inner());
-        while f.requests > 0 && (f.requests >= MAX_IN_FLIGHT_REQUESTS || f.bytes + cost > MAX_IN_FLIGHT_BYTES) {
+        while !f.has_room(cost) {
             f.waiters += 1;
             f = self.flight_changed.wait(f).unwrap_or_else(|e| e.into_inner());
             f.waiters -= 1;
         }
+        self.count_in(&mut f, cost);
+    }
+
+    fn count_in(&self, f: &mut Flight, cost: usize) {
         f.requests += 1;
         f.bytes += cost;
         self.busy.store(f.requests, Ordering::SeqCst);
@@ -1131,13 +1149,7 @@ impl<'a, W: Write + Send> Conn<'a, W> {
         out: &mut OutBuf,
     ) -> Result<(), OpError> {
         let mark = (out.used, out.replies);
-        if self.mode == ReplyMode::Simple {
-            out.put(codec::simple_reply(0, req.cookie).as_bytes());
-            out.replies += 1;
-        } else {
-            out.chunk(req, done, REPLY_TYPE_OFFSET_DATA, 8 + len as u64);
-            out.put(&offset.to_be_bytes());
-        }
+        out.data_header(req, offset, len, done);
         let mut w = self.writer.inner.lock().unwrap_or_else(|e| e.into_inner());
         // Under the reply lock, so no other thread of the connection uses it.
         let mut rest = self.spill.lock().unwrap_or_else(|e| e.into_inner());
