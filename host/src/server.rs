@@ -4,9 +4,9 @@ use crate::export::ExportSet;
 use crate::protocol::handshake::{self, HandshakeContext, HandshakeEnd};
 use crate::protocol::transmission::Transmission;
 use crate::tls::TlsServer;
-use crate::transport::{Channel, Stream};
+use crate::transport::{Channel, RequestReader, Stream};
 use std::collections::HashMap;
-use std::io::{self, BufReader};
+use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -241,14 +241,13 @@ impl Server {
             Channel::Plain(s) => {
                 // Replies are batched by the transmission phase: the writer
                 // is the bare socket.
-                let reader = BufReader::with_capacity(128 * 1024, s.try_clone()?);
-                let probe = s.try_clone()?;
-                t.serve(reader, s, Some(&probe))
+                let reader = RequestReader::with_capacity(128 * 1024, s.try_clone()?);
+                t.serve(reader, s, ctl, true)
             }
             Channel::Tls(tls) => {
                 let closer = tls.closer();
                 let (r, w) = tls.split();
-                let res = t.serve(BufReader::with_capacity(128 * 1024, r), w, None);
+                let res = t.serve(RequestReader::with_capacity(128 * 1024, r), w, ctl, false);
                 // Every reply is out (serve drained them): end the TLS
                 // session properly before the socket closes.
                 closer.close();

@@ -14,7 +14,7 @@
 //! they were sealed whoever sends them.
 
 use crate::export::{Export, ExportSet};
-use crate::transport::Stream;
+use crate::transport::{PendingInput, Stream};
 use rustls::crypto::ring as provider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
@@ -249,6 +249,9 @@ impl TlsServer {
         // Encrypt whatever a writer hands over at once; the writer drains
         // it right away, so memory stays bounded by the caller's buffer.
         conn.set_buffer_limit(None);
+        // The client's first request may have come with its last handshake
+        // message, and be decrypted already.
+        let plaintext = conn.process_new_packets().map_or(0, |s| s.plaintext_bytes_to_read());
         let reader_sock = sock.try_clone()?;
         let shared = Arc::new(Shared { conn: Mutex::new(conn), out: Mutex::new(Out { sock, buf: Vec::new() }) });
         Ok(Ok(TlsStream {
@@ -259,6 +262,7 @@ impl TlsServer {
                 start: 0,
                 end: 0,
                 eof: false,
+                plaintext,
             },
             writer: TlsWriter { shared },
             identities,
@@ -487,6 +491,81 @@ pub struct TlsReader {
     start: usize,
     end: usize,
     eof: bool,
+    /// Decrypted bytes rustls holds for us (as of our last look).
+    plaintext: usize,
+}
+
+impl TlsReader {
+    /// Hand rustls the ciphertext we hold (at EOF: tell it the stream
+    /// ended) and decrypt what forms whole records. Only when no plaintext
+    /// is waiting, so rustls's plaintext buffer never overflows. True if
+    /// anything was fed.
+    fn feed(&mut self) -> io::Result<bool> {
+        if self.plaintext > 0 || (self.start == self.end && !self.eof) {
+            return Ok(false);
+        }
+        let mut c = lock(&self.shared.conn);
+        // rustls takes at most 4 KiB per read_tls and holds at most one
+        // record it has not decrypted: feed and decrypt in turns until all
+        // we hold is in, or rustls holds as much plaintext as it will
+        // (~16 KiB). Handing over several requests at once lets the
+        // transmission phase answer them in one batch.
+        let processed = loop {
+            let mut pending = &self.buf[self.start..self.end];
+            let n = c.read_tls(&mut pending)?;
+            self.start += n;
+            let processed = c.process_new_packets();
+            match &processed {
+                Ok(state) if self.start < self.end && n > 0 && state.plaintext_bytes_to_read() < 16 * 1024 => {}
+                _ => break processed,
+            }
+        };
+        let wants_write = c.wants_write();
+        drop(c);
+        if wants_write {
+            // A TLS 1.3 key update or an alert to answer.
+            self.shared.flush_out_if_free();
+        }
+        match processed {
+            Ok(state) => {
+                self.plaintext = state.plaintext_bytes_to_read();
+                Ok(true)
+            }
+            Err(e) => Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+        }
+    }
+}
+
+impl PendingInput for TlsReader {
+    fn holds_input(&mut self) -> bool {
+        // An error is pending input too: the read will report it at once.
+        while self.plaintext == 0 && !self.eof && self.start < self.end {
+            match self.feed() {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(_) => return true,
+            }
+        }
+        self.plaintext > 0 || self.eof
+    }
+
+    fn input_ready(&mut self) -> bool {
+        if self.holds_input() {
+            return true;
+        }
+        if self.start < self.end || !self.sock.readable_now() {
+            // What we hold is part of a record: the rest is not here yet.
+            return false;
+        }
+        // The socket has bytes (or its end): this read does not block.
+        match self.sock.read(&mut self.buf) {
+            Ok(n) => {
+                (self.start, self.end, self.eof) = (0, n, n == 0);
+                self.holds_input()
+            }
+            Err(e) => e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::Interrupted,
+        }
+    }
 }
 
 impl Read for TlsReader {
@@ -495,40 +574,21 @@ impl Read for TlsReader {
             return Ok(0);
         }
         loop {
-            let mut wants_write = false;
-            let mut fed = false;
-            {
-                let mut c = lock(&self.shared.conn);
-                match c.reader().read(out) {
-                    // 0: the client sent close_notify.
-                    Ok(n) => return Ok(n),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    // UnexpectedEof: the socket closed without close_notify.
-                    Err(e) => return Err(e),
+            // Asked even when our count says nothing is there: a read is
+            // cheap, and a wrong count must never leave a request unread.
+            match lock(&self.shared.conn).reader().read(out) {
+                // 0: the client sent close_notify.
+                Ok(n) => {
+                    self.plaintext = self.plaintext.saturating_sub(n);
+                    return Ok(n);
                 }
-                if self.start < self.end || self.eof {
-                    // Feed only when no plaintext is waiting, so rustls's
-                    // plaintext buffer never overflows; at EOF this tells
-                    // rustls the stream ended.
-                    let mut pending = &self.buf[self.start..self.end];
-                    let n = c.read_tls(&mut pending)?;
-                    self.start += n;
-                    fed = true;
-                    let processed = c.process_new_packets();
-                    wants_write = c.wants_write();
-                    if let Err(e) = processed {
-                        drop(c);
-                        self.shared.flush_out_if_free();
-                        return Err(io::Error::new(io::ErrorKind::InvalidData, e));
-                    }
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.plaintext = 0,
+                // UnexpectedEof: the socket closed without close_notify.
+                Err(e) => return Err(e),
             }
-            if wants_write {
-                self.shared.flush_out_if_free();
-            }
-            // What was just fed may have produced plaintext: look before
-            // blocking on the socket.
-            if !fed {
+            // What is fed may produce plaintext: look before blocking on
+            // the socket.
+            if !self.feed()? {
                 // The socket read happens without any lock held.
                 let n = self.sock.read(&mut self.buf)?;
                 self.start = 0;
@@ -660,6 +720,60 @@ mod tests {
         reader.join().unwrap();
         closer.close();
         done_rx.recv_timeout(Duration::from_secs(60)).expect("client finished");
+        client.join().unwrap();
+    }
+
+    /// A client may send its first request in the same write as its last
+    /// handshake message; the server then decrypts it during the handshake.
+    /// It must be read from there, not waited for on the socket.
+    #[test]
+    fn data_that_came_with_the_handshake_is_read_at_once() {
+        let (ca, config) = pki();
+        let server = TlsServer {
+            mode: TlsMode::Require,
+            verify_peer: false,
+            files: Files { cert: PathBuf::new(), key: PathBuf::new(), ca: None, crl: None },
+            config: RwLock::new(config),
+        };
+        let (a, mut b) = UnixStream::pair().unwrap();
+        // A read that would wait for the client fails the test instead.
+        a.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let client = std::thread::spawn(move || {
+            let mut roots = RootCertStore::empty();
+            roots.add(ca).unwrap();
+            let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(provider::default_provider()))
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            let mut c = rustls::ClientConnection::new(Arc::new(cfg), "localhost".try_into().unwrap()).unwrap();
+            while c.is_handshaking() {
+                if c.wants_write() {
+                    c.write_tls(&mut b).unwrap();
+                    continue;
+                }
+                c.read_tls(&mut b).unwrap();
+                c.process_new_packets().unwrap();
+            }
+            // Finished and the first data leave in one write.
+            c.writer().write_all(b"first request").unwrap();
+            let mut all = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut all).unwrap();
+            }
+            b.write_all(&all).unwrap();
+            // Keep the socket open until the server has read.
+            let mut end = [0u8; 1];
+            let _ = b.read(&mut end);
+        });
+        let tls = server.accept(Stream::Unix(a)).unwrap().unwrap();
+        let (mut r, w) = tls.split();
+        assert!(r.holds_input(), "the request is waiting, decrypted");
+        let mut got = [0u8; 13];
+        r.read_exact(&mut got).expect("the data that came with the handshake");
+        assert_eq!(&got, b"first request");
+        assert!(!r.holds_input(), "everything was read");
+        drop((r, w));
         client.join().unwrap();
     }
 

@@ -8,6 +8,120 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+/// A request source that may hold input the socket no longer shows: a TLS
+/// session keeps decrypted bytes (and whole records) of its own. The
+/// transmission phase asks before it decides to wait on the socket, or a
+/// request already received would sit until the client sent another.
+pub trait PendingInput {
+    /// Whether a read would return at once from input this reader already
+    /// holds, without a system call. May do buffered work, such as
+    /// decrypting records already received.
+    fn holds_input(&mut self) -> bool;
+
+    /// Whether a read would return at once (bytes or the end of the stream
+    /// waiting), looking at the socket as well: one system call, and for
+    /// TLS a read of what the socket has, which cannot block.
+    fn input_ready(&mut self) -> bool;
+}
+
+impl PendingInput for Stream {
+    /// A socket's input is the socket's: nothing is held elsewhere.
+    fn holds_input(&mut self) -> bool {
+        false
+    }
+    fn input_ready(&mut self) -> bool {
+        self.readable_now()
+    }
+}
+
+/// Buffered input for the transmission phase. Unlike `std::io::BufReader`,
+/// it can top its buffer up while bytes remain in it, so a request whose
+/// payload straddles two reads can still be used where it lies, and the
+/// replies already built need not go out before the rest arrives.
+pub struct RequestReader<R> {
+    inner: R,
+    buf: Box<[u8]>,
+    /// `buf[pos..filled]` is buffered input not yet consumed.
+    pos: usize,
+    filled: usize,
+}
+
+impl<R: Read> RequestReader<R> {
+    /// A reader with a buffer of `capacity` bytes.
+    pub fn with_capacity(capacity: usize, inner: R) -> Self {
+        RequestReader { inner, buf: vec![0; capacity].into_boxed_slice(), pos: 0, filled: 0 }
+    }
+
+    /// The input buffered and not consumed yet.
+    pub fn buffer(&self) -> &[u8] {
+        &self.buf[self.pos..self.filled]
+    }
+
+    /// The most input the buffer can hold.
+    pub fn capacity(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Mark `n` buffered bytes as used.
+    pub fn consume(&mut self, n: usize) {
+        self.pos = (self.pos + n).min(self.filled);
+        if self.pos == self.filled {
+            (self.pos, self.filled) = (0, 0);
+        }
+    }
+
+    /// The source underneath.
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
+    }
+
+    /// One read of the source into the room behind the buffered input
+    /// (moving that input to the front first if the room is short). May
+    /// block like the source's read. Returns how many bytes came: 0 at the
+    /// end of the stream or when the buffer is full.
+    pub fn fill_more(&mut self) -> io::Result<usize> {
+        if self.pos > 0 && self.filled - self.pos < self.buf.len() / 2 {
+            self.buf.copy_within(self.pos..self.filled, 0);
+            (self.pos, self.filled) = (0, self.filled - self.pos);
+        }
+        if self.filled == self.buf.len() {
+            return Ok(0);
+        }
+        let n = loop {
+            match self.inner.read(&mut self.buf[self.filled..]) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => break r?,
+            }
+        };
+        self.filled += n;
+        Ok(n)
+    }
+
+    /// Fill `out` entirely: buffered input first, then the source (large
+    /// remainders straight into `out`, small ones through the buffer).
+    /// `UnexpectedEof` if the stream ends first.
+    pub fn read_exact(&mut self, out: &mut [u8]) -> io::Result<()> {
+        let mut done = 0;
+        while done < out.len() {
+            let have = self.buffer();
+            if !have.is_empty() {
+                let n = have.len().min(out.len() - done);
+                out[done..done + n].copy_from_slice(&have[..n]);
+                self.consume(n);
+                done += n;
+                continue;
+            }
+            if out.len() - done >= self.buf.len() {
+                return self.inner.read_exact(&mut out[done..]);
+            }
+            if self.fill_more()? == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the client closed the connection"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// An accepted client connection.
 #[derive(Debug)]
 pub enum Stream {
@@ -193,5 +307,76 @@ impl Write for Channel {
             Channel::Tls(t) => t.flush(),
             Channel::Broken => Err(broken()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A source that hands out its bytes in the pieces given, one per read.
+    struct Pieces(std::collections::VecDeque<Vec<u8>>);
+
+    impl Read for Pieces {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            let Some(mut p) = self.0.pop_front() else { return Ok(0) };
+            let n = p.len().min(out.len());
+            out[..n].copy_from_slice(&p[..n]);
+            if n < p.len() {
+                self.0.push_front(p.split_off(n));
+            }
+            Ok(n)
+        }
+    }
+
+    fn pieces(p: &[&[u8]]) -> Pieces {
+        Pieces(p.iter().map(|b| b.to_vec()).collect())
+    }
+
+    #[test]
+    fn request_reader_tops_up_behind_what_it_holds() {
+        let mut r = RequestReader::with_capacity(16, pieces(&[b"headPAY", b"LOAD", b"next"]));
+        assert_eq!(r.fill_more().unwrap(), 7);
+        let mut head = [0u8; 4];
+        r.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"head");
+        // The payload straddles two reads: after topping up it lies whole
+        // in the buffer, where it can be used in place.
+        assert_eq!(r.buffer(), b"PAY");
+        assert_eq!(r.fill_more().unwrap(), 4);
+        assert_eq!(r.buffer(), b"PAYLOAD");
+        r.consume(7);
+        assert!(r.buffer().is_empty());
+        assert_eq!(r.fill_more().unwrap(), 4);
+        assert_eq!(r.buffer(), b"next");
+        r.consume(4);
+        assert_eq!(r.fill_more().unwrap(), 0, "end of stream");
+    }
+
+    #[test]
+    fn request_reader_moves_what_it_holds_to_make_room() {
+        let mut r = RequestReader::with_capacity(8, pieces(&[b"abcdefgh", b"ijkl"]));
+        assert_eq!(r.fill_more().unwrap(), 8);
+        assert_eq!(r.fill_more().unwrap(), 0, "a full buffer takes nothing");
+        r.consume(6);
+        assert_eq!(r.fill_more().unwrap(), 4, "the rest moved to the front");
+        assert_eq!(r.buffer(), b"ghijkl");
+    }
+
+    #[test]
+    fn request_reader_reads_exactly_across_pieces_and_past_its_capacity() {
+        let big: Vec<u8> = (0..100u8).collect();
+        let mut r = RequestReader::with_capacity(8, pieces(&[&big[..3], &big[3..50], &big[50..]]));
+        let mut head = [0u8; 2];
+        r.read_exact(&mut head).unwrap();
+        // Larger than the buffer: the rest goes straight into the target.
+        let mut body = vec![0u8; 90];
+        r.read_exact(&mut body).unwrap();
+        assert_eq!(&body[..], &big[2..92]);
+        let mut tail = [0u8; 8];
+        r.read_exact(&mut tail).unwrap();
+        assert_eq!(&tail[..], &big[92..]);
+        let e = r.read_exact(&mut [0u8; 1]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
     }
 }

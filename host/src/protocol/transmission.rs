@@ -24,11 +24,11 @@ use super::consts::*;
 use super::handshake::Session;
 use crate::error::{NbdErrno, OpError};
 use crate::pipeline::{CheckedLayer, Extent};
-use crate::transport::Stream;
+use crate::transport::{PendingInput, RequestReader, Stream};
 use nbdhost_plugin_api::abi::{EXTENT_HOLE, EXTENT_ZERO};
 use nbdhost_plugin_api::ThreadModel;
 use std::collections::VecDeque;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::Scope;
@@ -390,8 +390,11 @@ struct Conn<'a, W: Write> {
     flight_changed: Condvar,
     /// Requests in flight, visible to the server for shutdown decisions.
     busy: &'a AtomicUsize,
-    /// The plain socket, to look for the next request without blocking.
-    probe: Option<&'a Stream>,
+    /// The client's socket, to look for the next request without blocking.
+    probe: &'a Stream,
+    /// The same socket when replies go onto it as they are (no TLS): lent
+    /// read data can then be sent straight from the layer's memory.
+    plain: Option<&'a Stream>,
     /// Payload buffers of finished worker requests, for reuse.
     payloads: Mutex<Vec<Vec<u8>>>,
     /// What the socket did not take of lent read data, kept for reuse.
@@ -491,12 +494,15 @@ impl<'a> Transmission<'a> {
 
     /// Serve requests until DISC, EOF or a framing error; every request read
     /// is answered before this returns. `writer` should not buffer: replies
-    /// are already batched.
-    pub fn serve<R: Read, W: Write + Send>(
+    /// are already batched. `sock` is the client's socket underneath both;
+    /// `plain` says whether bytes written to it reach the client as they
+    /// are (false under TLS).
+    pub fn serve<R: Read + PendingInput, W: Write + Send>(
         &mut self,
-        mut reader: BufReader<R>,
+        mut reader: RequestReader<R>,
         writer: W,
-        probe: Option<&Stream>,
+        sock: &Stream,
+        plain: bool,
     ) -> io::Result<()> {
         let s = self.session;
         let parallel = s.export.thread_model == ThreadModel::Parallel;
@@ -517,7 +523,8 @@ impl<'a> Transmission<'a> {
             flight: Mutex::new(Flight::default()),
             flight_changed: Condvar::new(),
             busy: self.busy,
-            probe,
+            probe: sock,
+            plain: plain.then_some(sock),
             payloads: Mutex::new(Vec::new()),
             spill: Mutex::new(Vec::new()),
             lend_skip: AtomicU32::new(0),
@@ -535,7 +542,11 @@ impl<'a> Transmission<'a> {
 impl<'a, W: Write + Send> Conn<'a, W> {
     // ------------------------------------------------------------ reader
 
-    fn read_requests<'s, R: Read>(&'s self, reader: &mut BufReader<R>, scope: &'s Scope<'s, '_>) -> io::Result<()> {
+    fn read_requests<'s, R: Read + PendingInput>(
+        &'s self,
+        reader: &mut RequestReader<R>,
+        scope: &'s Scope<'s, '_>,
+    ) -> io::Result<()> {
         let mut out = OutBuf::new(self.mode);
         let mut held = Held::default();
         let mut payload_buf = Vec::new();
@@ -555,9 +566,9 @@ impl<'a, W: Write + Send> Conn<'a, W> {
         r
     }
 
-    fn reader_loop<'s, R: Read>(
+    fn reader_loop<'s, R: Read + PendingInput>(
         &'s self,
-        reader: &mut BufReader<R>,
+        reader: &mut RequestReader<R>,
         out: &mut OutBuf,
         held: &mut Held,
         payload_buf: &mut Vec<u8>,
@@ -568,25 +579,25 @@ impl<'a, W: Write + Send> Conn<'a, W> {
         let mut hdr = [0u8; 32];
         let (mut coalescing, mut spin) = (Backoff::default(), Backoff::default());
         loop {
-            if reader.buffer().len() < hlen {
+            // Only the socket is left to look at (a TLS session may hold
+            // whole requests the socket no longer shows).
+            let drained = reader.buffer().is_empty() && !reader.get_mut().holds_input();
+            if reader.buffer().len() < hlen && (drained || !reader.buffer().is_empty()) {
                 // With replies held and the client pipelining, its next
                 // request is microseconds away: wait for it so the replies
                 // go out together (the client then takes them in on one
                 // wake-up). A client waiting for our reply instead makes the
                 // wait miss, and backs it off.
-                let coalesced = reader.buffer().is_empty()
-                    && !out.is_empty()
-                    && self.probe.is_some_and(|p| wait_readable(p, &mut coalescing, COALESCE_NS));
+                let p = self.probe;
+                let coalesced = drained && !out.is_empty() && wait_readable(p, &mut coalescing, COALESCE_NS);
                 if !coalesced {
                     self.flush(out, held)?;
                     // Look for the next request a little longer before the
                     // read that would put the thread to sleep: a sleeping
                     // server costs the client too, whose send then has to
                     // wake us (on loopback, in the client's own time).
-                    if let (Some(p), true) = (self.probe, reader.buffer().is_empty()) {
-                        if !wait_readable(p, &mut spin, SPIN_NS) && !p.readable_within(IDLE_AFTER) {
-                            self.release_buffers(out, payload_buf);
-                        }
+                    if drained && !wait_readable(p, &mut spin, SPIN_NS) && !p.readable_within(IDLE_AFTER) {
+                        self.release_buffers(out, payload_buf);
                     }
                 }
             }
@@ -629,7 +640,33 @@ impl<'a, W: Write + Send> Conn<'a, W> {
             // The payload is on the wire whatever we decide about the
             // request: read it to keep framing. Run inline, a payload that
             // is already buffered is used where it lies.
-            let buffered = reader.buffer().len() >= plen;
+            // Top the buffer up with what has arrived, so a payload that
+            // straddles a read is still used in place. If it is not all
+            // here, the client is sending it (it has sent the header): with
+            // replies held, wait a moment for it rather than send them alone.
+            let mut buffered = match Self::top_up(reader, plen) {
+                Ok(b) => b,
+                Err(e) => {
+                    self.finish(1, cost);
+                    return Err(e);
+                }
+            };
+            if !buffered && !out.is_empty() && plen <= reader.capacity() {
+                let start = Instant::now();
+                while !buffered {
+                    let left = COALESCE_NS.saturating_sub(start.elapsed().as_nanos() as u64);
+                    if left == 0 || !wait_readable(self.probe, &mut coalescing, left) {
+                        break;
+                    }
+                    buffered = match Self::top_up(reader, plen) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            self.finish(1, cost);
+                            return Err(e);
+                        }
+                    };
+                }
+            }
             if !buffered {
                 self.flush(out, held)?;
             }
@@ -669,6 +706,17 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                 self.flush(out, held)?;
             }
         }
+    }
+
+    /// Read what has arrived (without blocking) until `len` bytes are
+    /// buffered; whether they are.
+    fn top_up<R: Read + PendingInput>(reader: &mut RequestReader<R>, len: usize) -> io::Result<bool> {
+        while reader.buffer().len() < len && len <= reader.capacity() && reader.get_mut().input_ready() {
+            if reader.fill_more()? == 0 {
+                break;
+            }
+        }
+        Ok(reader.buffer().len() >= len)
     }
 
     /// The client is idle: give back what large requests made this
@@ -1113,9 +1161,9 @@ impl<'a, W: Write + Send> Conn<'a, W> {
     /// the layer and sent from its memory where possible, else read into
     /// `out`. On failure nothing of it was sent.
     fn data_run(&self, req: &Request, offset: u64, len: usize, done: bool, out: &mut OutBuf) -> Result<(), OpError> {
-        match self.probe {
-            Some(probe) if len >= LEND_MIN && self.layer.caps().lend && self.lend_now() => {
-                self.lend_run(probe, req, offset, len, done, out)
+        match self.plain {
+            Some(sock) if len >= LEND_MIN && self.layer.caps().lend && self.lend_now() => {
+                self.lend_run(sock, req, offset, len, done, out)
             }
             _ => out.data(self.layer, req, offset, len, done),
         }
@@ -1141,7 +1189,7 @@ impl<'a, W: Write + Send> Conn<'a, W> {
     /// throughout, so nothing interleaves.
     fn lend_run(
         &self,
-        probe: &Stream,
+        sock: &Stream,
         req: &Request,
         offset: u64,
         len: usize,
@@ -1165,7 +1213,7 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                 let mut all: Vec<&[u8]> = Vec::with_capacity(pieces.len() + 1);
                 all.push(head);
                 all.extend_from_slice(pieces);
-                match probe.send_nonblocking(&all) {
+                match sock.send_nonblocking(&all) {
                     Ok(n) => {
                         copy_unsent(&all, n, &mut rest);
                         if !rest.is_empty() {
@@ -1199,7 +1247,7 @@ impl<'a, W: Write + Send> Conn<'a, W> {
         if let Err(e) = finished {
             // Part of a chunk is on the wire: the stream cannot go on.
             log::debug!("{}: writing a reply failed: {e}", self.peer);
-            let _ = probe.shutdown(std::net::Shutdown::Both);
+            let _ = sock.shutdown(std::net::Shutdown::Both);
         }
         Ok(())
     }
