@@ -4,7 +4,7 @@ use crate::export::ExportSet;
 use crate::protocol::handshake::{self, HandshakeContext, HandshakeEnd};
 use crate::protocol::transmission::Transmission;
 use crate::tls::TlsServer;
-use crate::transport::{Channel, RequestReader, Stream};
+use crate::transport::{Channel, RequestReader, SocketReader, Stream};
 use std::collections::HashMap;
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -241,7 +241,7 @@ impl Server {
             Channel::Plain(s) => {
                 // Replies are batched by the transmission phase: the writer
                 // is the bare socket.
-                let reader = RequestReader::with_capacity(128 * 1024, s.try_clone()?);
+                let reader = RequestReader::with_capacity(128 * 1024, SocketReader::new(s.try_clone()?));
                 t.serve(reader, s, ctl, true)
             }
             Channel::Tls(tls) => {

@@ -14,7 +14,7 @@
 //! they were sealed whoever sends them.
 
 use crate::export::{Export, ExportSet};
-use crate::transport::{PendingInput, Stream};
+use crate::transport::{PendingInput, SocketReader, Stream};
 use rustls::crypto::ring as provider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
@@ -257,7 +257,7 @@ impl TlsServer {
         Ok(Ok(TlsStream {
             reader: TlsReader {
                 shared: shared.clone(),
-                sock: reader_sock,
+                sock: SocketReader::new(reader_sock),
                 buf: vec![0; 32 * 1024],
                 start: 0,
                 end: 0,
@@ -485,7 +485,7 @@ impl TlsCloser {
 /// The reading half.
 pub struct TlsReader {
     shared: Arc<Shared>,
-    sock: Stream,
+    sock: SocketReader,
     /// Ciphertext read from the socket, `start..end` not yet fed to rustls.
     buf: Vec<u8>,
     start: usize,
@@ -553,7 +553,7 @@ impl PendingInput for TlsReader {
         if self.holds_input() {
             return true;
         }
-        if self.start < self.end || !self.sock.readable_now() {
+        if self.start < self.end || !self.sock.socket().readable_now() {
             // What we hold is part of a record: the rest is not here yet.
             return false;
         }

@@ -6,7 +6,9 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 /// A request source that may hold input the socket no longer shows: a TLS
 /// session keeps decrypted bytes (and whole records) of its own. The
@@ -22,16 +24,6 @@ pub trait PendingInput {
     /// waiting), looking at the socket as well: one system call, and for
     /// TLS a read of what the socket has, which cannot block.
     fn input_ready(&mut self) -> bool;
-}
-
-impl PendingInput for Stream {
-    /// A socket's input is the socket's: nothing is held elsewhere.
-    fn holds_input(&mut self) -> bool {
-        false
-    }
-    fn input_ready(&mut self) -> bool {
-        self.readable_now()
-    }
 }
 
 /// Buffered input for the transmission phase. Unlike `std::io::BufReader`,
@@ -119,6 +111,141 @@ impl<R: Read> RequestReader<R> {
             }
         }
         Ok(())
+    }
+}
+
+/// Busy-waiting for the next request, backed off after misses: a wait that
+/// finds nothing skips the next 2, 4, ... 64 waits, so a client that is
+/// idle or waits for each reply costs next to no CPU.
+#[derive(Default)]
+pub struct Backoff {
+    skip: u32,
+    misses: u32,
+}
+
+/// Threads busy-waiting for a request right now, server-wide.
+static SPINNING: AtomicUsize = AtomicUsize::new(0);
+
+/// At most one thread fewer than the CPUs busy-waits at once, so spinning
+/// never takes the last core from threads with work.
+fn max_spinning() -> usize {
+    static MAX: OnceLock<usize> = OnceLock::new();
+    *MAX.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)))
+}
+
+/// Wait up to `window_ns` for `probe` to become readable, yielding the CPU
+/// between looks. False if it did not (or if waiting is backed off, or
+/// enough other threads are already spinning).
+pub fn wait_readable(probe: &Stream, state: &mut Backoff, window_ns: u64) -> bool {
+    if !state.due() {
+        return false;
+    }
+    let Some(_slot) = SpinSlot::take() else { return false };
+    let found = spin_until_readable(probe, window_ns);
+    state.record(found);
+    found
+}
+
+impl Backoff {
+    /// Whether this wait should happen (false: skipped after misses).
+    fn due(&mut self) -> bool {
+        if self.skip > 0 {
+            self.skip -= 1;
+            return false;
+        }
+        true
+    }
+
+    /// A wait found bytes, or missed: the next 2, 4, ... 64 are skipped.
+    fn record(&mut self, found: bool) {
+        if found {
+            self.misses = 0;
+        } else {
+            self.misses = (self.misses + 1).min(6);
+            self.skip = 1 << self.misses;
+        }
+    }
+}
+
+/// The right to busy-wait, one of [`max_spinning`]; given back on drop.
+struct SpinSlot;
+
+impl SpinSlot {
+    fn take() -> Option<SpinSlot> {
+        if SPINNING.fetch_add(1, Ordering::Relaxed) >= max_spinning() {
+            SPINNING.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(SpinSlot)
+    }
+}
+
+impl Drop for SpinSlot {
+    fn drop(&mut self) {
+        SPINNING.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Look at `probe` until it is readable or `window_ns` passed, yielding the
+/// CPU between looks.
+fn spin_until_readable(probe: &Stream, window_ns: u64) -> bool {
+    let start = Instant::now();
+    loop {
+        if probe.readable_now() {
+            return true;
+        }
+        if start.elapsed().as_nanos() as u64 > window_ns {
+            return false;
+        }
+        std::thread::yield_now();
+    }
+}
+
+/// Reads the client's socket for the transmission phase. A read that
+/// would block first waits a little for bytes (backed off like
+/// [`wait_readable`]): a client sending a large payload slower than we
+/// take it in would otherwise wake our sleeping thread with every send,
+/// which costs it more than it costs us.
+pub struct SocketReader {
+    sock: Stream,
+    backoff: Backoff,
+}
+
+/// How long a read waits for more of a request before it sleeps.
+const READ_SPIN_NS: u64 = 50_000;
+
+impl SocketReader {
+    /// Read `sock`.
+    pub fn new(sock: Stream) -> Self {
+        SocketReader { sock, backoff: Backoff::default() }
+    }
+
+    /// The socket.
+    pub fn socket(&self) -> &Stream {
+        &self.sock
+    }
+}
+
+impl Read for SocketReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use rustix::net::{recv, RecvFlags};
+        // Bytes waiting: the same single system call as a plain read.
+        match recv(&self.sock, &mut *buf, RecvFlags::DONTWAIT) {
+            Ok((n, _)) => return Ok(n),
+            Err(e) if e == rustix::io::Errno::AGAIN || e == rustix::io::Errno::INTR => {}
+            Err(e) => return Err(e.into()),
+        }
+        wait_readable(&self.sock, &mut self.backoff, READ_SPIN_NS);
+        self.sock.read(buf)
+    }
+}
+
+impl PendingInput for SocketReader {
+    fn holds_input(&mut self) -> bool {
+        false
+    }
+    fn input_ready(&mut self) -> bool {
+        self.sock.readable_now()
     }
 }
 
@@ -327,6 +454,56 @@ mod tests {
             }
             Ok(n)
         }
+    }
+
+    #[test]
+    fn waiting_for_a_request_backs_off_after_misses_and_resets_on_a_hit() {
+        // The back-off alone: the server-wide spin slots are shared with
+        // other tests running at the same time.
+        let mut state = Backoff::default();
+        // A miss, then the next 2 waits are skipped...
+        assert!(state.due());
+        state.record(false);
+        assert_eq!((state.misses, state.skip), (1, 2));
+        assert!(!state.due() && !state.due());
+        assert!(state.due());
+        // ...the next miss skips 4, and so on up to 64.
+        state.record(false);
+        assert_eq!((state.misses, state.skip), (2, 4));
+        for _ in 0..20 {
+            state.record(false);
+        }
+        assert_eq!(state.skip, 64, "the back-off is capped");
+        // A hit forgets the misses.
+        state.record(true);
+        assert_eq!(state.misses, 0);
+        // The look itself: nothing there, then a byte.
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let probe = Stream::Unix(a);
+        assert!(!spin_until_readable(&probe, 1_000));
+        b.write_all(b"x").unwrap();
+        assert!(spin_until_readable(&probe, 1_000_000_000));
+    }
+
+    #[test]
+    fn socket_reader_returns_what_is_there_waits_for_the_rest_and_sees_the_end() {
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut r = SocketReader::new(Stream::Unix(a));
+        b.write_all(b"abc").unwrap();
+        assert!(r.input_ready());
+        let mut buf = [0u8; 8];
+        assert_eq!(r.read(&mut buf).unwrap(), 3);
+        assert!(!r.input_ready() && !r.holds_input());
+        // Nothing there: the read waits (past its spin) until bytes come.
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            b.write_all(b"late").unwrap();
+            b
+        });
+        assert_eq!(r.read(&mut buf).unwrap(), 4);
+        assert_eq!(&buf[..4], b"late");
+        drop(late.join().unwrap());
+        assert_eq!(r.read(&mut buf).unwrap(), 0, "end of stream");
     }
 
     fn pieces(p: &[&[u8]]) -> Pieces {

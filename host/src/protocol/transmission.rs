@@ -24,13 +24,13 @@ use super::consts::*;
 use super::handshake::Session;
 use crate::error::{NbdErrno, OpError};
 use crate::pipeline::{CheckedLayer, Extent};
-use crate::transport::{PendingInput, RequestReader, Stream};
+use crate::transport::{wait_readable, Backoff, PendingInput, RequestReader, Stream};
 use nbdhost_plugin_api::abi::{EXTENT_HOLE, EXTENT_ZERO};
 use nbdhost_plugin_api::ThreadModel;
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::Scope;
 use std::time::Instant;
 
@@ -415,15 +415,6 @@ fn copy_unsent(parts: &[&[u8]], mut skip: usize, rest: &mut Vec<u8>) {
     }
 }
 
-/// Busy-waiting for the next request, backed off after misses: a wait that
-/// finds nothing skips the next 2, 4, ... 64 waits, so a client that is
-/// idle or waits for each reply costs next to no CPU.
-#[derive(Default)]
-struct Backoff {
-    skip: u32,
-    misses: u32,
-}
-
 /// Voluntary context switches of the calling thread so far. They grow only
 /// when it sleeps (disk or network I/O, a timer, a contended lock), not
 /// when it is merely preempted or copies a lot of memory, which is the line
@@ -433,48 +424,6 @@ struct Backoff {
 fn voluntary_switches() -> std::ffi::c_long {
     use nix::sys::resource::{getrusage, UsageWho};
     getrusage(UsageWho::RUSAGE_THREAD).map_or(0, |u| u.voluntary_context_switches())
-}
-
-/// Threads busy-waiting for a request right now, server-wide.
-static SPINNING: AtomicUsize = AtomicUsize::new(0);
-
-/// At most one thread fewer than the CPUs busy-waits at once, so spinning
-/// never takes the last core from threads with work.
-fn max_spinning() -> usize {
-    static MAX: OnceLock<usize> = OnceLock::new();
-    *MAX.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)))
-}
-
-/// Wait up to `window_ns` for `probe` to become readable, yielding the CPU
-/// between looks. False if it did not (or if waiting is backed off, or
-/// enough other threads are already spinning).
-fn wait_readable(probe: &Stream, state: &mut Backoff, window_ns: u64) -> bool {
-    if state.skip > 0 {
-        state.skip -= 1;
-        return false;
-    }
-    if SPINNING.fetch_add(1, Ordering::Relaxed) >= max_spinning() {
-        SPINNING.fetch_sub(1, Ordering::Relaxed);
-        return false;
-    }
-    let start = Instant::now();
-    let found = loop {
-        if probe.readable_now() {
-            break true;
-        }
-        if start.elapsed().as_nanos() as u64 > window_ns {
-            break false;
-        }
-        std::thread::yield_now();
-    };
-    SPINNING.fetch_sub(1, Ordering::Relaxed);
-    if found {
-        state.misses = 0;
-    } else {
-        state.misses = (state.misses + 1).min(6);
-        state.skip = 1 << state.misses;
-    }
-    found
 }
 
 /// Per-connection transmission state and entry point.
@@ -1534,33 +1483,6 @@ mod tests {
         }
         std::hint::black_box(x);
         assert_eq!(voluntary_switches(), before, "computing never gives the CPU up voluntarily");
-    }
-
-    #[test]
-    fn waiting_for_a_request_backs_off_after_misses_and_resets_on_a_hit() {
-        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let probe = Stream::Unix(a);
-        let mut state = Backoff::default();
-        // Nothing to read: a miss, then the next 2 waits are skipped...
-        assert!(!wait_readable(&probe, &mut state, 1_000));
-        assert_eq!((state.misses, state.skip), (1, 2));
-        assert!(!wait_readable(&probe, &mut state, 1_000));
-        assert!(!wait_readable(&probe, &mut state, 1_000));
-        assert_eq!(state.skip, 0);
-        // ...the next miss skips 4, and so on up to 64.
-        assert!(!wait_readable(&probe, &mut state, 1_000));
-        assert_eq!((state.misses, state.skip), (2, 4));
-        for _ in 0..20 {
-            state.skip = 0;
-            wait_readable(&probe, &mut state, 1_000);
-        }
-        assert_eq!(state.skip, 64, "the back-off is capped");
-        // A request waiting: found at once, and the back-off is forgotten.
-        b.write_all(b"x").unwrap();
-        state.skip = 0;
-        assert!(wait_readable(&probe, &mut state, 1_000_000_000));
-        assert_eq!(state.misses, 0);
-        assert_eq!(SPINNING.load(Ordering::Relaxed), 0, "the spinner count is given back");
     }
 
     #[test]
