@@ -241,7 +241,7 @@ impl Server {
             Channel::Plain(s) => {
                 // Replies are batched by the transmission phase: the writer
                 // is the bare socket.
-                let reader = RequestReader::with_capacity(128 * 1024, SocketReader::new(s.try_clone()?));
+                let reader = RequestReader::with_capacity(128 * 1024, SocketReader::new(s.try_clone()?, false));
                 t.serve(reader, s, ctl, true)
             }
             Channel::Tls(tls) => {

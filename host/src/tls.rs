@@ -257,7 +257,7 @@ impl TlsServer {
         Ok(Ok(TlsStream {
             reader: TlsReader {
                 shared: shared.clone(),
-                sock: SocketReader::new(reader_sock),
+                sock: SocketReader::new(reader_sock, true),
                 buf: vec![0; 32 * 1024],
                 start: 0,
                 end: 0,
