@@ -263,6 +263,8 @@ impl TlsServer {
                 end: 0,
                 eof: false,
                 plaintext,
+                closed: false,
+                failed: None,
             },
             writer: TlsWriter { shared },
             identities,
@@ -493,6 +495,10 @@ pub struct TlsReader {
     eof: bool,
     /// Decrypted bytes rustls holds for us (as of our last look).
     plaintext: usize,
+    /// The client sent close_notify: reads return the end of the stream.
+    closed: bool,
+    /// An error found while looking ahead, for the next read to report.
+    failed: Option<io::Error>,
 }
 
 impl TlsReader {
@@ -529,24 +535,40 @@ impl TlsReader {
         match processed {
             Ok(state) => {
                 self.plaintext = state.plaintext_bytes_to_read();
+                if state.peer_has_closed() {
+                    // rustls takes nothing after close_notify, and it is
+                    // to be ignored anyway (RFC 8446, 6.1).
+                    self.closed = true;
+                    self.start = self.end;
+                }
                 Ok(true)
             }
             Err(e) => Err(io::Error::new(io::ErrorKind::InvalidData, e)),
         }
     }
+
+    /// Keep `e` for the next read, which then reports it at once.
+    fn fail(&mut self, e: io::Error) -> bool {
+        self.failed = Some(e);
+        true
+    }
 }
 
 impl PendingInput for TlsReader {
     fn holds_input(&mut self) -> bool {
-        // An error is pending input too: the read will report it at once.
-        while self.plaintext == 0 && !self.eof && self.start < self.end {
+        if self.failed.is_some() {
+            return true;
+        }
+        while self.plaintext == 0 && !self.eof && !self.closed && self.start < self.end {
+            let before = self.start;
             match self.feed() {
-                Ok(true) => {}
-                Ok(false) => break,
-                Err(_) => return true,
+                Ok(true) if self.start > before => {}
+                Ok(_) => break,
+                // An error is input too: the next read reports it.
+                Err(e) => return self.fail(e),
             }
         }
-        self.plaintext > 0 || self.eof
+        self.plaintext > 0 || self.eof || self.closed
     }
 
     fn input_ready(&mut self) -> bool {
@@ -563,7 +585,8 @@ impl PendingInput for TlsReader {
                 (self.start, self.end, self.eof) = (0, n, n == 0);
                 self.holds_input()
             }
-            Err(e) => e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::Interrupted,
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => false,
+            Err(e) => self.fail(e),
         }
     }
 }
@@ -572,6 +595,9 @@ impl Read for TlsReader {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         if out.is_empty() {
             return Ok(0);
+        }
+        if let Some(e) = self.failed.take() {
+            return Err(e);
         }
         loop {
             // Asked even when our count says nothing is there: a read is
@@ -775,6 +801,100 @@ mod tests {
         assert!(!r.holds_input(), "everything was read");
         drop((r, w));
         client.join().unwrap();
+    }
+
+    /// A server session and the client's end of it, handshake done, with
+    /// the client driven by hand (its records written only when asked).
+    fn session() -> (TlsReader, TlsWriter, rustls::ClientConnection, UnixStream) {
+        let (ca, config) = pki();
+        let server = TlsServer {
+            mode: TlsMode::Require,
+            verify_peer: false,
+            files: Files { cert: PathBuf::new(), key: PathBuf::new(), ca: None, crl: None },
+            config: RwLock::new(config),
+        };
+        let (a, mut b) = UnixStream::pair().unwrap();
+        a.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let client = std::thread::spawn(move || {
+            let mut roots = RootCertStore::empty();
+            roots.add(ca).unwrap();
+            let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(provider::default_provider()))
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            let mut c = rustls::ClientConnection::new(Arc::new(cfg), "localhost".try_into().unwrap()).unwrap();
+            while c.is_handshaking() {
+                if c.wants_write() {
+                    c.write_tls(&mut b).unwrap();
+                } else {
+                    c.read_tls(&mut b).unwrap();
+                    c.process_new_packets().unwrap();
+                }
+            }
+            while c.wants_write() {
+                c.write_tls(&mut b).unwrap();
+            }
+            (c, b)
+        });
+        let (r, w) = server.accept(Stream::Unix(a)).unwrap().unwrap().split();
+        let (c, b) = client.join().unwrap();
+        (r, w, c, b)
+    }
+
+    /// Call `f` on another thread; fail if it takes more than 5 seconds.
+    fn within_5s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || tx.send(f()).unwrap());
+        rx.recv_timeout(Duration::from_secs(5)).expect("finished in time (no hang, no endless loop)")
+    }
+
+    /// Bytes after close_notify are ignored: looking ahead must neither
+    /// spin on them (rustls takes nothing after close_notify) nor wait.
+    #[test]
+    fn bytes_after_close_notify_end_the_stream() {
+        let (r, _w, mut c, mut b) = session();
+        c.writer().write_all(b"last request").unwrap();
+        c.send_close_notify();
+        let mut wire = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut wire).unwrap();
+        }
+        wire.extend_from_slice(&[0x17; 6000]);
+        b.write_all(&wire).unwrap();
+        let got = within_5s(move || {
+            let mut r = r;
+            assert!(r.input_ready());
+            let mut got = vec![0u8; 12];
+            r.read_exact(&mut got).unwrap();
+            assert!(r.input_ready() && r.holds_input(), "the end of the stream is there at once");
+            assert_eq!(r.read(&mut [0u8; 16]).unwrap(), 0, "a clean end");
+            got
+        });
+        assert_eq!(got, b"last request");
+        drop(b);
+    }
+
+    /// A record that fails to decrypt while looking ahead is reported by
+    /// the next read, at once: not lost, and not turned into a wait.
+    #[test]
+    fn a_bad_record_found_while_looking_ahead_is_reported_by_the_next_read() {
+        let (r, _w, mut c, mut b) = session();
+        c.writer().write_all(b"a request").unwrap();
+        let mut wire = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut wire).unwrap();
+        }
+        let last = wire.len() - 1;
+        wire[last] ^= 0x55; // the tag no longer matches
+        b.write_all(&wire).unwrap();
+        let kind = within_5s(move || {
+            let mut r = r;
+            assert!(r.input_ready(), "an error is input: the read must not wait");
+            r.read(&mut [0u8; 64]).unwrap_err().kind()
+        });
+        assert_eq!(kind, io::ErrorKind::InvalidData);
+        drop(b);
     }
 
     /// Run `duplex` with a deadline: a deadlock fails the test, not hangs it.

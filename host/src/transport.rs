@@ -68,11 +68,14 @@ impl<R: Read> RequestReader<R> {
     }
 
     /// One read of the source into the room behind the buffered input
-    /// (moving that input to the front first if the room is short). May
-    /// block like the source's read. Returns how many bytes came: 0 at the
-    /// end of the stream or when the buffer is full.
+    /// (moving that input to the front first if need be). May block like
+    /// the source's read. Returns how many bytes came: 0 at the end of the
+    /// stream or when the buffered input fills the whole buffer.
     pub fn fill_more(&mut self) -> io::Result<usize> {
-        if self.pos > 0 && self.filled - self.pos < self.buf.len() / 2 {
+        // Move the input to the front when it is small (cheap), or when
+        // the buffer is full behind it (a request that fits the buffer
+        // must be able to lie in it whole).
+        if self.pos > 0 && (self.filled - self.pos < self.buf.len() / 2 || self.filled == self.buf.len()) {
             self.buf.copy_within(self.pos..self.filled, 0);
             (self.pos, self.filled) = (0, self.filled - self.pos);
         }
@@ -545,6 +548,16 @@ mod tests {
         r.consume(6);
         assert_eq!(r.fill_more().unwrap(), 4, "the rest moved to the front");
         assert_eq!(r.buffer(), b"ghijkl");
+    }
+
+    #[test]
+    fn request_reader_makes_room_for_a_request_that_fits_when_full() {
+        let mut r = RequestReader::with_capacity(8, pieces(&[b"xabcdefg", b"h"]));
+        assert_eq!(r.fill_more().unwrap(), 8);
+        r.consume(1);
+        // 7 bytes held behind 1 consumed, an 8-byte request: room is made.
+        assert_eq!(r.fill_more().unwrap(), 1);
+        assert_eq!(r.buffer(), b"abcdefgh");
     }
 
     #[test]

@@ -691,6 +691,48 @@ fn starttls_forgets_what_was_negotiated_before_it() {
     assert_eq!(u32::from_be_bytes(h[..4].try_into().unwrap()), 0x6744_6698, "simple reply expected");
 }
 
+/// TLS 1.3 key updates arrive between requests, right behind them. The
+/// server must answer them (with its own key update) and must not mistake
+/// the readable socket for a next request and hold replies back waiting
+/// for one the client will not send before it has its reply.
+#[test]
+fn key_updates_between_requests_neither_hold_replies_back_nor_break_the_session() {
+    let ex = Exports::new();
+    mem(&ex, "mem", "");
+    let ca = Ca::new("test CA");
+    let sdir = server_dir(ex.dir.path(), &ca);
+    let srv = Server::start(&ex, &["--tls", "require", "--tls-certificates", &s(&sdir)]);
+    let mut t = starttls(&srv.addr, &ca, None);
+    go(&mut t, "mem").unwrap();
+    // A reply that does not come fails the test instead of hanging it.
+    t.sock.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    // Each write leaves at once (no Nagle delay), so the key update
+    // arrives right behind its request.
+    t.sock.set_nodelay(true).unwrap();
+    let block = |i: u64| -> Vec<u8> { (0..4096u64).map(|j| (i * 7 + j * 13) as u8).collect() };
+    for i in 0..300u64 {
+        request(&mut t, 1, i, i * 4096, 4096, &block(i));
+        // The key update leaves in its own write, just behind the request.
+        t.conn.refresh_traffic_keys().unwrap();
+        t.flush().unwrap();
+        let mut h = [0u8; 16];
+        t.read_exact(&mut h).unwrap_or_else(|e| panic!("reply to write {i} after a key update: {e}"));
+        assert_eq!(u32::from_be_bytes(h[..4].try_into().unwrap()), 0x6744_6698, "simple reply");
+        assert_eq!(u32::from_be_bytes(h[4..8].try_into().unwrap()), 0, "write {i} succeeded");
+        assert_eq!(u64::from_be_bytes(h[8..16].try_into().unwrap()), i, "cookie");
+    }
+    // Everything written is there, read back under the newest keys.
+    request(&mut t, 0, 1000, 0, 300 * 4096, &[]);
+    let mut h = [0u8; 16];
+    t.read_exact(&mut h).unwrap();
+    assert_eq!(u32::from_be_bytes(h[4..8].try_into().unwrap()), 0);
+    let mut data = vec![0u8; 300 * 4096];
+    t.read_exact(&mut data).unwrap();
+    for i in 0..300u64 {
+        assert!(data[(i * 4096) as usize..((i + 1) * 4096) as usize] == block(i)[..], "block {i} differs");
+    }
+}
+
 #[test]
 fn without_tls_starttls_is_policy_and_tls_reqd_never_appears() {
     let ex = Exports::new();

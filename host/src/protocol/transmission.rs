@@ -537,8 +537,15 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                 // go out together (the client then takes them in on one
                 // wake-up). A client waiting for our reply instead makes the
                 // wait miss, and backs it off.
+                // Under TLS a readable socket may hold no request (a key
+                // update, an alert, part of a record): only decrypted input
+                // counts, or the replies held could wait on a client that
+                // waits for them.
                 let p = self.probe;
-                let coalesced = drained && !out.is_empty() && wait_readable(p, &mut coalescing, COALESCE_NS);
+                let coalesced = drained
+                    && !out.is_empty()
+                    && wait_readable(p, &mut coalescing, COALESCE_NS)
+                    && (self.plain.is_some() || reader.get_mut().input_ready());
                 if !coalesced {
                     self.flush(out, held)?;
                     // Look for the next request a little longer before the
@@ -617,7 +624,10 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                 }
             }
             if !buffered {
-                self.flush(out, held)?;
+                if let Err(e) = self.flush(out, held) {
+                    self.finish(1, cost);
+                    return Err(e);
+                }
             }
             if !inline {
                 let mut payload = self.payload_buffer(plen);
