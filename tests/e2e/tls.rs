@@ -88,9 +88,14 @@ impl Ca {
 
     /// A CRL revoking `serials`.
     fn crl(&self, serials: &[u64]) -> String {
+        self.crl_until(serials, 2999)
+    }
+
+    /// A CRL revoking `serials`, next updated in `year`.
+    fn crl_until(&self, serials: &[u64], year: i32) -> String {
         let p = CertificateRevocationListParams {
-            this_update: date_time_ymd(2024, 1, 1),
-            next_update: date_time_ymd(2999, 1, 1),
+            this_update: date_time_ymd(2019, 1, 1),
+            next_update: date_time_ymd(year, 1, 1),
             crl_number: SerialNumber::from(1u64),
             issuing_distribution_point: None,
             revoked_certs: serials
@@ -439,7 +444,8 @@ fn client_certificates_and_per_export_identities() {
     }
     let ex = Exports::new();
     mem(&ex, "shared", "");
-    mem(&ex, "alices", "tls-identities = [\"alice\", \"carol@example.org\"]\n");
+    // Names match whatever their case.
+    mem(&ex, "alices", "tls-identities = [\"Alice\", \"carol@EXAMPLE.org\"]\n");
     let ca = Ca::new("test CA");
     let sdir = server_dir(ex.dir.path(), &ca);
     let alice = ca.client("alice", 2999, 10);
@@ -537,6 +543,33 @@ fn failed_handshakes_end_only_that_session_and_say_why() {
     // The server is fine and serves a good client.
     let gdir = client_dir(base, "good", &ca, Some(&good));
     assert_ok("good client", &nbdinfo(&[&nbds(&srv, "mem", &gdir)]));
+}
+
+/// A CRL past its next update vouches for no one: clients with
+/// certificates are refused, and both the start-up log and each refusal
+/// say why and what to do.
+#[test]
+fn an_out_of_date_crl_refuses_clients_and_says_so() {
+    if !require_tool("nbdinfo") {
+        return;
+    }
+    let ex = Exports::new();
+    mem(&ex, "mem", "");
+    let ca = Ca::new("test CA");
+    let sdir = server_dir(ex.dir.path(), &ca);
+    std::fs::write(sdir.join("ca-crl.pem"), ca.crl_until(&[66], 2020)).unwrap();
+    let good = ca.client("good", 2999, 1);
+    let gdir = client_dir(ex.dir.path(), "good", &ca, Some(&good));
+    let srv = Server::start(&ex, &["--tls", "require", "--tls-verify-peer", "--tls-certificates", &s(&sdir)]);
+    assert!(srv.wait_for_log("is out of date (next update was"), "{}", srv.log());
+    let o = nbdinfo(&[&nbds(&srv, "mem", &gdir)]);
+    assert!(!o.status.success(), "a client was let in on an expired CRL: {}", text(&o));
+    assert!(srv.wait_for_log("our CRL is out of date"), "{}", srv.log());
+    // A fresh CRL and SIGHUP let the same client in.
+    std::fs::write(sdir.join("ca-crl.pem"), ca.crl(&[66])).unwrap();
+    srv.signal(libc::SIGHUP);
+    assert!(srv.wait_for_log("TLS certificates reloaded"), "{}", srv.log());
+    assert_ok("good client with a fresh CRL", &nbdinfo(&[&nbds(&srv, "mem", &gdir)]));
 }
 
 // ------------------------------------------------------------ option rules
