@@ -301,7 +301,9 @@ pub fn describe_failure(e: &rustls::Error) -> String {
     use rustls::{AlertDescription as A, CertificateError as C, Error as E};
     match e {
         E::NoCertificatesPresented => {
-            "the client sent no certificate, and --tls-verify-peer requires one (no client certificate)".into()
+            "the client sent no certificate, and --tls-verify-peer requires one (no client certificate; \
+             GnuTLS clients such as qemu and libnbd also send none when theirs is not signed by our CA)"
+                .into()
         }
         E::InvalidCertificate(c) => match c {
             C::UnknownIssuer => "the client certificate is not signed by our CA (unknown CA)".into(),

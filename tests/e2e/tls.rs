@@ -505,6 +505,11 @@ fn failed_handshakes_end_only_that_session_and_say_why() {
     let stranger = other.client("stranger", 2999, 3);
     let srv = Server::start(&ex, &["--tls", "require", "--tls-verify-peer", "--tls-certificates", &s(&sdir)]);
     let base = ex.dir.path();
+    // A GnuTLS client whose certificate comes from another CA sends none:
+    // the log says that this may be why.
+    let o = nbdinfo(&[&nbds(&srv, "mem", &client_dir(base, "otherca", &ca, Some(&stranger)))]);
+    assert!(!o.status.success(), "a certificate from another CA got in: {}", text(&o));
+    assert!(srv.wait_for_log("send none when theirs is not signed by our CA"), "{}", srv.log());
 
     let cases: [(&str, PathBuf, &str); 4] = [
         ("no certificate", client_dir(base, "none", &ca, None), "no client certificate"),
