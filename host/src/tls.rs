@@ -414,6 +414,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Decrypted bytes rustls holds before it refuses more ciphertext (its
+/// received-plaintext limit); the reader stops feeding there.
+const PLAINTEXT_HELD: usize = 16 * 1024;
+
 /// The sending side of the socket, with a scratch buffer for records.
 struct Out {
     sock: Stream,
@@ -553,7 +557,7 @@ impl TlsReader {
             self.start += n;
             let processed = c.process_new_packets();
             match &processed {
-                Ok(state) if self.start < self.end && n > 0 && state.plaintext_bytes_to_read() < 16 * 1024 => {}
+                Ok(state) if self.start < self.end && n > 0 && state.plaintext_bytes_to_read() < PLAINTEXT_HELD => {}
                 _ => break processed,
             }
         };
@@ -590,13 +594,12 @@ impl PendingInput for TlsReader {
         if self.failed.is_some() {
             return true;
         }
-        while self.plaintext == 0 && !self.eof && !self.closed && self.start < self.end {
-            let before = self.start;
-            match self.feed() {
-                Ok(true) if self.start > before => {}
-                Ok(_) => break,
+        // One feed hands rustls all we hold, unless plaintext comes out
+        // first (or close_notify, after which the rest is dropped).
+        if self.plaintext == 0 && !self.eof && !self.closed && self.start < self.end {
+            if let Err(e) = self.feed() {
                 // An error is input too: the next read reports it.
-                Err(e) => return self.fail(e),
+                return self.fail(e);
             }
         }
         self.plaintext > 0 || self.eof || self.closed
@@ -707,6 +710,42 @@ mod tests {
         (ca_cert.der().clone(), Arc::new(config))
     }
 
+    /// A server requiring TLS with `pki`'s certificate, and its CA.
+    fn test_server() -> (CertificateDer<'static>, TlsServer) {
+        let (ca, config) = pki();
+        let server = TlsServer {
+            mode: TlsMode::Require,
+            verify_peer: false,
+            files: Files { cert: PathBuf::new(), key: PathBuf::new(), ca: None, crl: None },
+            config: RwLock::new(config),
+        };
+        (ca, server)
+    }
+
+    /// A client configuration trusting `ca`, speaking only `version`.
+    fn client_config(
+        ca: CertificateDer<'static>,
+        version: &'static rustls::SupportedProtocolVersion,
+    ) -> Arc<rustls::ClientConfig> {
+        let mut roots = RootCertStore::empty();
+        roots.add(ca).unwrap();
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(provider::default_provider()))
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Arc::new(cfg)
+    }
+
+    /// The records `c` has queued, as they would go on the wire.
+    fn queued(c: &mut rustls::ClientConnection) -> Vec<u8> {
+        let mut wire = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut wire).unwrap();
+        }
+        wire
+    }
+
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
         (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8).collect()
     }
@@ -717,26 +756,14 @@ mod tests {
     /// the connection lock across socket I/O would deadlock here. Ends with
     /// close_notify, which the client sees as a clean end of stream.
     fn duplex(version: &'static rustls::SupportedProtocolVersion) {
-        let (ca, config) = pki();
-        let server = TlsServer {
-            mode: TlsMode::Require,
-            verify_peer: false,
-            files: Files { cert: PathBuf::new(), key: PathBuf::new(), ca: None, crl: None },
-            config: RwLock::new(config),
-        };
+        let (ca, server) = test_server();
         let (a, b) = UnixStream::pair().unwrap();
         const UP: usize = 6 << 20;
         const DOWN: usize = 5 << 20;
         let (done_tx, done_rx) = mpsc::channel();
         let client = std::thread::spawn(move || {
-            let mut roots = RootCertStore::empty();
-            roots.add(ca).unwrap();
-            let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(provider::default_provider()))
-                .with_protocol_versions(&[version])
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            let conn = rustls::ClientConnection::new(Arc::new(cfg), "localhost".try_into().unwrap()).unwrap();
+            let conn =
+                rustls::ClientConnection::new(client_config(ca, version), "localhost".try_into().unwrap()).unwrap();
             let mut s = rustls::StreamOwned::new(conn, b);
             let up = pattern(UP, 1);
             for chunk in up.chunks(70_001) {
@@ -785,76 +812,26 @@ mod tests {
     /// It must be read from there, not waited for on the socket.
     #[test]
     fn data_that_came_with_the_handshake_is_read_at_once() {
-        let (ca, config) = pki();
-        let server = TlsServer {
-            mode: TlsMode::Require,
-            verify_peer: false,
-            files: Files { cert: PathBuf::new(), key: PathBuf::new(), ca: None, crl: None },
-            config: RwLock::new(config),
-        };
-        let (a, mut b) = UnixStream::pair().unwrap();
-        // A read that would wait for the client fails the test instead.
-        a.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let client = std::thread::spawn(move || {
-            let mut roots = RootCertStore::empty();
-            roots.add(ca).unwrap();
-            let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(provider::default_provider()))
-                .with_protocol_versions(&[&rustls::version::TLS13])
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            let mut c = rustls::ClientConnection::new(Arc::new(cfg), "localhost".try_into().unwrap()).unwrap();
-            while c.is_handshaking() {
-                if c.wants_write() {
-                    c.write_tls(&mut b).unwrap();
-                    continue;
-                }
-                c.read_tls(&mut b).unwrap();
-                c.process_new_packets().unwrap();
-            }
-            // Finished and the first data leave in one write.
-            c.writer().write_all(b"first request").unwrap();
-            let mut all = Vec::new();
-            while c.wants_write() {
-                c.write_tls(&mut all).unwrap();
-            }
-            b.write_all(&all).unwrap();
-            // Keep the socket open until the server has read.
-            let mut end = [0u8; 1];
-            let _ = b.read(&mut end);
-        });
-        let tls = server.accept(Stream::Unix(a)).unwrap().unwrap();
-        let (mut r, w) = tls.split();
+        let (mut r, _w, _c, _b) = session(b"first request");
         assert!(r.holds_input(), "the request is waiting, decrypted");
         let mut got = [0u8; 13];
         r.read_exact(&mut got).expect("the data that came with the handshake");
         assert_eq!(&got, b"first request");
         assert!(!r.holds_input(), "everything was read");
-        drop((r, w));
-        client.join().unwrap();
     }
 
     /// A server session and the client's end of it, handshake done, with
     /// the client driven by hand (its records written only when asked).
-    fn session() -> (TlsReader, TlsWriter, rustls::ClientConnection, UnixStream) {
-        let (ca, config) = pki();
-        let server = TlsServer {
-            mode: TlsMode::Require,
-            verify_peer: false,
-            files: Files { cert: PathBuf::new(), key: PathBuf::new(), ca: None, crl: None },
-            config: RwLock::new(config),
-        };
+    /// The client's last handshake message and `first` leave in one write.
+    /// A server read that would wait for the client fails after 5 s.
+    fn session(first: &[u8]) -> (TlsReader, TlsWriter, rustls::ClientConnection, UnixStream) {
+        let (ca, server) = test_server();
         let (a, mut b) = UnixStream::pair().unwrap();
         a.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let first = first.to_vec();
         let client = std::thread::spawn(move || {
-            let mut roots = RootCertStore::empty();
-            roots.add(ca).unwrap();
-            let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(provider::default_provider()))
-                .with_protocol_versions(&[&rustls::version::TLS13])
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            let mut c = rustls::ClientConnection::new(Arc::new(cfg), "localhost".try_into().unwrap()).unwrap();
+            let cfg = client_config(ca, &rustls::version::TLS13);
+            let mut c = rustls::ClientConnection::new(cfg, "localhost".try_into().unwrap()).unwrap();
             while c.is_handshaking() {
                 if c.wants_write() {
                     c.write_tls(&mut b).unwrap();
@@ -863,9 +840,8 @@ mod tests {
                     c.process_new_packets().unwrap();
                 }
             }
-            while c.wants_write() {
-                c.write_tls(&mut b).unwrap();
-            }
+            c.writer().write_all(&first).unwrap();
+            b.write_all(&queued(&mut c)).unwrap();
             (c, b)
         });
         let (r, w) = server.accept(Stream::Unix(a)).unwrap().unwrap().split();
@@ -884,13 +860,10 @@ mod tests {
     /// spin on them (rustls takes nothing after close_notify) nor wait.
     #[test]
     fn bytes_after_close_notify_end_the_stream() {
-        let (r, _w, mut c, mut b) = session();
+        let (r, _w, mut c, mut b) = session(b"");
         c.writer().write_all(b"last request").unwrap();
         c.send_close_notify();
-        let mut wire = Vec::new();
-        while c.wants_write() {
-            c.write_tls(&mut wire).unwrap();
-        }
+        let mut wire = queued(&mut c);
         wire.extend_from_slice(&[0x17; 6000]);
         b.write_all(&wire).unwrap();
         let got = within_5s(move || {
@@ -910,12 +883,9 @@ mod tests {
     /// the next read, at once: not lost, and not turned into a wait.
     #[test]
     fn a_bad_record_found_while_looking_ahead_is_reported_by_the_next_read() {
-        let (r, _w, mut c, mut b) = session();
+        let (r, _w, mut c, mut b) = session(b"");
         c.writer().write_all(b"a request").unwrap();
-        let mut wire = Vec::new();
-        while c.wants_write() {
-            c.write_tls(&mut wire).unwrap();
-        }
+        let mut wire = queued(&mut c);
         let last = wire.len() - 1;
         wire[last] ^= 0x55; // the tag no longer matches
         b.write_all(&wire).unwrap();

@@ -528,10 +528,12 @@ impl<'a, W: Write + Send> Conn<'a, W> {
         let mut hdr = [0u8; 32];
         let (mut coalescing, mut spin) = (Backoff::default(), Backoff::default());
         loop {
-            // Only the socket is left to look at (a TLS session may hold
-            // whole requests the socket no longer shows).
-            let drained = reader.buffer().is_empty() && !reader.get_mut().holds_input();
-            if reader.buffer().len() < hlen && (drained || !reader.buffer().is_empty()) {
+            // Short of a header: look for more, unless the buffer is empty
+            // and the source holds input (a TLS session may hold whole
+            // requests the socket no longer shows): then read straight on.
+            let have = reader.buffer().len();
+            if have < hlen && (have > 0 || !reader.get_mut().holds_input()) {
+                let drained = have == 0;
                 // With replies held and the client pipelining, its next
                 // request is microseconds away: wait for it so the replies
                 // go out together (the client then takes them in on one
@@ -600,29 +602,13 @@ impl<'a, W: Write + Send> Conn<'a, W> {
             // straddles a read is still used in place. If it is not all
             // here, the client is sending it (it has sent the header): with
             // replies held, wait a moment for it rather than send them alone.
-            let mut buffered = match Self::top_up(reader, plen) {
+            let buffered = match self.await_payload(reader, plen, !out.is_empty(), &mut coalescing) {
                 Ok(b) => b,
                 Err(e) => {
                     self.finish(1, cost);
                     return Err(e);
                 }
             };
-            if !buffered && !out.is_empty() && plen <= reader.capacity() {
-                let start = Instant::now();
-                while !buffered {
-                    let left = COALESCE_NS.saturating_sub(start.elapsed().as_nanos() as u64);
-                    if left == 0 || !wait_readable(self.probe, &mut coalescing, left) {
-                        break;
-                    }
-                    buffered = match Self::top_up(reader, plen) {
-                        Ok(b) => b,
-                        Err(e) => {
-                            self.finish(1, cost);
-                            return Err(e);
-                        }
-                    };
-                }
-            }
             if !buffered {
                 if let Err(e) = self.flush(out, held) {
                     self.finish(1, cost);
@@ -668,14 +654,33 @@ impl<'a, W: Write + Send> Conn<'a, W> {
     }
 
     /// Read what has arrived (without blocking) until `len` bytes are
-    /// buffered; whether they are.
-    fn top_up<R: Read + PendingInput>(reader: &mut RequestReader<R>, len: usize) -> io::Result<bool> {
-        while reader.buffer().len() < len && len <= reader.capacity() && reader.get_mut().input_ready() {
-            if reader.fill_more()? == 0 {
-                break;
+    /// buffered; with `wait`, look for the rest for up to the coalescing
+    /// window too. Whether they are buffered.
+    fn await_payload<R: Read + PendingInput>(
+        &self,
+        reader: &mut RequestReader<R>,
+        len: usize,
+        wait: bool,
+        coalescing: &mut Backoff,
+    ) -> io::Result<bool> {
+        if len > reader.capacity() {
+            return Ok(reader.buffer().len() >= len);
+        }
+        let start = Instant::now();
+        loop {
+            while reader.buffer().len() < len && reader.get_mut().input_ready() {
+                if reader.fill_more()? == 0 {
+                    break;
+                }
+            }
+            if reader.buffer().len() >= len || !wait {
+                return Ok(reader.buffer().len() >= len);
+            }
+            let left = COALESCE_NS.saturating_sub(start.elapsed().as_nanos() as u64);
+            if left == 0 || !wait_readable(self.probe, coalescing, left) {
+                return Ok(false);
             }
         }
-        Ok(reader.buffer().len() >= len)
     }
 
     /// The client is idle: give back what large requests made this
