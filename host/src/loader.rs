@@ -161,9 +161,12 @@ type FlushFn = unsafe extern "C" fn(Handle, u32) -> i32;
 type RangeFn = unsafe extern "C" fn(Handle, u64, u64, u32) -> i32;
 type ExtentsFn = unsafe extern "C" fn(Handle, u64, u64, u32, *mut ExtentSink) -> i32;
 type LendFn = unsafe extern "C" fn(Handle, u64, u64, u32, abi::LendSink, *mut c_void) -> i32;
+type LendMutFn = unsafe extern "C" fn(Handle, u64, u64, u32, abi::LendSinkMut, *mut c_void) -> i32;
 
 /// What receives a layer's lent pieces: `Err` carries an errno.
 pub type LendReceiver<'a> = dyn FnMut(&[&[u8]]) -> Result<(), i32> + 'a;
+/// What fills the memory a layer lends for a write: `Err` carries an errno.
+pub type LendFiller<'a> = dyn FnMut(&mut [&mut [u8]]) -> Result<(), i32> + 'a;
 type CreateFn = unsafe extern "C" fn(*const Param, usize, *mut abi::Instance) -> i32;
 
 /// The per-handle callbacks, which backends and filters share.
@@ -193,6 +196,8 @@ struct Ops {
     cache: Option<RangeFn>,
     /// Backends only (ABI 1.1).
     pread_lend: Option<LendFn>,
+    /// Backends only (ABI 1.2).
+    pwrite_lend: Option<LendMutFn>,
 }
 
 macro_rules! ops_from {
@@ -221,6 +226,7 @@ macro_rules! ops_from {
             extents: $t.extents,
             cache: $t.cache,
             pread_lend: None,
+            pwrite_lend: None,
         }
     };
 }
@@ -355,7 +361,7 @@ impl LoadedPlugin {
                     )));
                 }
                 let common = (t.thread_model, t.name, t.version, t.description, t.params, t.n_params);
-                let ops = Ops { pread_lend: t.pread_lend, ..ops_from!(t) };
+                let ops = Ops { pread_lend: t.pread_lend, pwrite_lend: t.pwrite_lend, ..ops_from!(t) };
                 (Kind::Backend { open: t.open.expect("checked") }, ops, common)
             }
             abi::PLUGIN_KIND_FILTER => {
@@ -468,6 +474,7 @@ impl LoadedPlugin {
             ("extents", t.extents.is_some()),
             ("cache", t.cache.is_some()),
             ("pread_lend", t.pread_lend.is_some()),
+            ("pwrite_lend", t.pwrite_lend.is_some()),
         ]
         .into_iter()
         .filter_map(|(name, present)| present.then_some(name))
@@ -614,6 +621,8 @@ pub struct Provided {
     pub cache: bool,
     /// `pread_lend` (backends, ABI 1.1)
     pub pread_lend: bool,
+    /// `pwrite_lend` (backends, ABI 1.2)
+    pub pwrite_lend: bool,
 }
 
 impl PluginHandle {
@@ -643,6 +652,7 @@ impl PluginHandle {
             extents: t.extents.is_some(),
             cache: t.cache.is_some(),
             pread_lend: t.pread_lend.is_some(),
+            pwrite_lend: t.pwrite_lend.is_some(),
         }
     }
 
@@ -722,6 +732,40 @@ impl PluginHandle {
                     ctx.total,
                     ctx.calls
                 ),
+            }),
+            r => r,
+        }
+    }
+
+    /// Write `[offset, offset+count)` by filling memory the plugin lends:
+    /// `sink` gets its pieces, exclusively and only while it runs, and must
+    /// fill them; its error (an errno) is what this returns. Absent
+    /// callback: `EINVAL` (check [`Provided::pwrite_lend`] first). The
+    /// pieces are checked before `sink` sees them: exactly `count` bytes,
+    /// in one call, or `sink` is not run and this fails with `EIO` (the
+    /// caller must then still consume the data it meant to write).
+    pub fn pwrite_lend(
+        &self,
+        count: u64,
+        offset: u64,
+        flags: u32,
+        sink: &mut LendFiller<'_>,
+    ) -> Result<(), PluginError> {
+        let Some(f) = self.table().pwrite_lend else { return Err(absent("pwrite_lend", libc::EINVAL)) };
+        let mut ctx = LendMutCtx { sink, count, calls: 0, refused: None };
+        let ctx_ptr = &mut ctx as *mut LendMutCtx<'_> as *mut c_void;
+        // SAFETY: `lend_sink_mut` is given `ctx_ptr`, which points at `ctx`
+        // and outlives the call.
+        let r = self.call("pwrite_lend", || unsafe { f(self.ptr, count, offset, flags, lend_sink_mut, ctx_ptr) });
+        let name = &self.plugin().name;
+        if let Some(why) = ctx.refused {
+            // Whatever the plugin returned: its pieces were not filled.
+            return Err(PluginError { errno: libc::EIO, message: format!("plugin {name}: pwrite_lend {why}") });
+        }
+        match r {
+            Ok(()) if ctx.calls != 1 => Err(PluginError {
+                errno: libc::EIO,
+                message: format!("plugin {name}: pwrite_lend called its sink {} times, not once", ctx.calls),
             }),
             r => r,
         }
@@ -994,6 +1038,57 @@ unsafe extern "C" fn lend_sink(ctx: *mut c_void, pieces: *const abi::LendPiece, 
     }
     // A panic in the host's own closure must not unwind into the plugin.
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (ctx.sink)(&slices))) {
+        Ok(Ok(())) => 0,
+        Ok(Err(errno)) => errno.max(1),
+        Err(_) => libc::EIO,
+    }
+}
+
+struct LendMutCtx<'a> {
+    sink: &'a mut LendFiller<'a>,
+    count: u64,
+    calls: u32,
+    /// Why the plugin's pieces were refused unfilled.
+    refused: Option<String>,
+}
+
+/// The host's `LendSinkMut`: checks the plugin's pieces (one call, exactly
+/// the requested length, no null data) and hands them to the filler in
+/// `LendMutCtx`. Pieces that fail the checks are not written to at all.
+unsafe extern "C" fn lend_sink_mut(ctx: *mut c_void, pieces: *const abi::LendPieceMut, n: usize) -> i32 {
+    // SAFETY: `ctx` is the `LendMutCtx` that `PluginHandle::pwrite_lend`
+    // passed for this call, alive and not otherwise borrowed while the
+    // plugin runs.
+    let ctx = unsafe { &mut *(ctx as *mut LendMutCtx<'_>) };
+    ctx.calls += 1;
+    if ctx.calls > 1 {
+        ctx.refused.get_or_insert_with(|| "called its sink twice".into());
+        return libc::EIO;
+    }
+    if n > 0 && pieces.is_null() {
+        ctx.refused = Some("passed a null piece list".into());
+        return libc::EIO;
+    }
+    let raw: &[abi::LendPieceMut] = if n == 0 {
+        &[]
+    } else {
+        // SAFETY: the plugin passes `n` pieces at `pieces` (checked non-null).
+        unsafe { std::slice::from_raw_parts(pieces, n) }
+    };
+    let total = raw.iter().fold(0u64, |t, p| t.saturating_add(p.len));
+    if total != ctx.count || raw.iter().any(|p| p.len > 0 && p.data.is_null()) {
+        ctx.refused = Some(format!("lent {total} bytes in {n} pieces for a write of {}", ctx.count));
+        return libc::EIO;
+    }
+    let mut slices: Vec<&mut [u8]> = Vec::with_capacity(raw.len());
+    for p in raw.iter().filter(|p| p.len > 0) {
+        // SAFETY: the plugin guarantees each piece writable and reserved
+        // for us until this function returns; the pieces do not overlap
+        // (each is a distinct part of the range being written).
+        slices.push(unsafe { std::slice::from_raw_parts_mut(p.data, p.len as usize) });
+    }
+    // A panic in the host's own closure must not unwind into the plugin.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (ctx.sink)(&mut slices))) {
         Ok(Ok(())) => 0,
         Ok(Err(errno)) => errno.max(1),
         Err(_) => libc::EIO,

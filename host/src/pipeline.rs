@@ -7,7 +7,7 @@
 //! type, so their calls get the same checks.
 
 use crate::error::{NbdErrno, OpError};
-use crate::loader::{LendReceiver, NextTable, NextTarget, PluginError, PluginHandle, Provided};
+use crate::loader::{LendFiller, LendReceiver, NextTable, NextTarget, PluginError, PluginHandle, Provided};
 use nbdhost_plugin_api::abi::{self, BlockSize};
 use nbdhost_plugin_api::ThreadModel;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -57,6 +57,8 @@ pub struct Capabilities {
     pub block_size: BlockSize,
     /// Reads can be lent instead of copied (ABI 1.1 `pread_lend`).
     pub lend: bool,
+    /// Writes can be received into lent memory (ABI 1.2 `pwrite_lend`).
+    pub lend_write: bool,
 }
 
 fn yes(v: Option<u32>, default: bool) -> bool {
@@ -114,6 +116,7 @@ impl Capabilities {
             rotational: yes(h.can(abi::CAN_ROTATIONAL)?, false),
             block_size,
             lend: p.pread_lend,
+            lend_write: writable && p.pwrite_lend,
         })
     }
 }
@@ -144,6 +147,18 @@ pub trait Layer: Send + Sync {
         _sink: &mut LendReceiver<'_>,
     ) -> Result<(), PluginError> {
         Err(PluginError { errno: libc::EINVAL, message: format!("{} does not lend data", self.name()) })
+    }
+    /// Write by filling memory the layer lends (backends with
+    /// `pwrite_lend` only): `sink` gets the layer's pieces, exclusively
+    /// while it runs.
+    fn pwrite_lend(
+        &self,
+        _count: u64,
+        _offset: u64,
+        _flags: u32,
+        _sink: &mut LendFiller<'_>,
+    ) -> Result<(), PluginError> {
+        Err(PluginError { errno: libc::EINVAL, message: format!("{} does not lend memory for writes", self.name()) })
     }
     /// Write.
     fn pwrite(&self, buf: &[u8], offset: u64, flags: u32) -> Result<(), PluginError>;
@@ -186,6 +201,9 @@ impl Layer for PluginHandle {
     }
     fn pread_lend(&self, count: u64, offset: u64, flags: u32, sink: &mut LendReceiver<'_>) -> Result<(), PluginError> {
         PluginHandle::pread_lend(self, count, offset, flags, sink)
+    }
+    fn pwrite_lend(&self, count: u64, offset: u64, flags: u32, sink: &mut LendFiller<'_>) -> Result<(), PluginError> {
+        PluginHandle::pwrite_lend(self, count, offset, flags, sink)
     }
     fn pwrite(&self, buf: &[u8], offset: u64, flags: u32) -> Result<(), PluginError> {
         PluginHandle::pwrite(self, buf, offset, flags)
@@ -615,15 +633,37 @@ impl CheckedLayer {
 
     /// Write `buf` at `offset`.
     pub fn write(&self, buf: &[u8], offset: u64, fua: bool) -> Result<(), OpError> {
-        self.writable("write")?;
-        self.check_payload(buf.len() as u64, "write")?;
-        self.range(buf.len() as u64, offset, NbdErrno::NoSpc, "write")?;
+        self.check_write(buf.len() as u64, offset)?;
         if buf.is_empty() {
             return Ok(());
         }
         let _g = self.lock.enter();
         log::trace!("{}: pwrite {}+{} fua={}", self.name, offset, buf.len(), fua);
         self.inner.pwrite(buf, offset, self.fua_flag(fua))?;
+        self.after_write(fua)
+    }
+
+    /// The checks every write of `len` bytes at `offset` passes (read-only
+    /// export, payload size, range), for a caller that writes it in parts
+    /// with [`Self::write_lend`] and must know first that all of it may be
+    /// written.
+    pub fn check_write(&self, len: u64, offset: u64) -> Result<(), OpError> {
+        self.writable("write")?;
+        self.check_payload(len, "write")?;
+        self.range(len, offset, NbdErrno::NoSpc, "write")
+    }
+
+    /// Write `len` bytes at `offset` by having the layer lend the memory
+    /// they go to, which `sink` fills (only if [`Capabilities::lend_write`]);
+    /// the same checks and FUA handling as [`Self::write`].
+    pub fn write_lend(&self, len: u64, offset: u64, fua: bool, sink: &mut LendFiller<'_>) -> Result<(), OpError> {
+        self.check_write(len, offset)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let _g = self.lock.enter();
+        log::trace!("{}: pwrite_lend {}+{} fua={}", self.name, offset, len, fua);
+        self.inner.pwrite_lend(len, offset, self.fua_flag(fua), sink)?;
         self.after_write(fua)
     }
 

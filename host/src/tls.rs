@@ -623,6 +623,26 @@ impl PendingInput for TlsReader {
             Err(e) => self.fail(e),
         }
     }
+    fn available(&mut self) -> io::Result<usize> {
+        // Decrypts what has arrived (reading the socket only if it has
+        // bytes); an error found on the way is kept for the next read.
+        self.input_ready();
+        Ok(if self.failed.is_some() { 0 } else { self.plaintext })
+    }
+
+    fn wait_for_input(&mut self) -> io::Result<()> {
+        // Until a record decrypts: a socket that is readable may hold only
+        // part of one.
+        while !self.holds_input() {
+            if self.start < self.end {
+                // Fed and yet nothing came out: leave it to a read.
+                return Ok(());
+            }
+            let n = self.sock.read(&mut self.buf)?;
+            (self.start, self.end, self.eof) = (0, n, n == 0);
+        }
+        Ok(())
+    }
 }
 
 impl Read for TlsReader {
@@ -896,6 +916,46 @@ mod tests {
         });
         assert_eq!(kind, io::ErrorKind::InvalidData);
         drop(b);
+    }
+
+    /// What a write received into lent memory relies on: `available`
+    /// counts only decrypted bytes, which a read then returns without
+    /// waiting; `wait_for_input` sleeps through part of a record and wakes
+    /// for a whole one, and for the end of the stream.
+    #[test]
+    fn available_counts_decrypted_bytes_and_waiting_ends_with_a_whole_record() {
+        let (r, _w, mut c, mut b) = session(b"");
+        c.writer().write_all(&[7u8; 20_000]).unwrap(); // two records
+        let wire = queued(&mut c);
+        b.write_all(&wire[..wire.len() - 10]).unwrap(); // the second cut short
+        let (r, b) = within_5s(move || {
+            let mut r = r;
+            let here = r.available().unwrap();
+            assert!(here > 0 && here < 20_000, "the first record only: {here}");
+            let mut got = vec![0u8; here];
+            r.read_exact(&mut got).unwrap();
+            assert!(got.iter().all(|&x| x == 7));
+            assert_eq!(r.available().unwrap(), 0, "part of a record is not input");
+            // The rest of the record comes later: the wait lasts until then.
+            let late = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                b.write_all(&wire[wire.len() - 10..]).unwrap();
+                b
+            });
+            let t = std::time::Instant::now();
+            r.wait_for_input().unwrap();
+            assert!(t.elapsed() >= Duration::from_millis(40), "woke for part of a record");
+            assert_eq!(r.available().unwrap(), 20_000 - here);
+            (r, late.join().unwrap())
+        });
+        // (Not dropped: unread bytes in its buffer would make that a reset.)
+        b.shutdown(std::net::Shutdown::Write).unwrap();
+        within_5s(move || {
+            let mut r = r;
+            r.read_exact(&mut vec![0u8; r.plaintext]).unwrap();
+            r.wait_for_input().unwrap(); // the end of the stream wakes it
+            assert_eq!(r.read(&mut [0u8; 8]).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        });
     }
 
     /// Run `duplex` with a deadline: a deadlock fails the test, not hangs it.

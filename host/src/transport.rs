@@ -24,6 +24,15 @@ pub trait PendingInput {
     /// waiting), looking at the socket as well: one system call, and for
     /// TLS a read of what the socket has, which cannot block.
     fn input_ready(&mut self) -> bool;
+
+    /// How many bytes reads can return now without waiting for the client
+    /// (plain: what the socket holds; TLS: the plaintext of the records
+    /// already received). 0 when an error waits for the next read.
+    fn available(&mut self) -> io::Result<usize>;
+
+    /// Block until a read would return at once: bytes have come, the
+    /// stream has ended, or an error waits for the next read.
+    fn wait_for_input(&mut self) -> io::Result<()>;
 }
 
 /// Buffered input for the transmission phase. Unlike `std::io::BufReader`,
@@ -110,11 +119,62 @@ impl<R: Read> RequestReader<R> {
                 return self.inner.read_exact(&mut out[done..]);
             }
             if self.fill_more()? == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the client closed the connection"));
+                return Err(eof());
             }
         }
         Ok(())
     }
+
+    /// Fill every piece entirely, in order: buffered input first, then
+    /// straight from the source into the pieces, as many per read as it
+    /// takes (one `readv` on a socket). `UnexpectedEof` if the stream ends
+    /// first.
+    pub fn read_exact_pieces(&mut self, pieces: &mut [&mut [u8]]) -> io::Result<()> {
+        let (mut idx, mut at) = (0, 0);
+        while idx < pieces.len() && (at == pieces[idx].len() || !self.buffer().is_empty()) {
+            let n = (pieces[idx].len() - at).min(self.filled - self.pos);
+            pieces[idx][at..at + n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+            self.consume(n);
+            at += n;
+            if at == pieces[idx].len() {
+                (idx, at) = (idx + 1, 0);
+            }
+        }
+        let Some((first, rest)) = pieces[idx..].split_first_mut() else { return Ok(()) };
+        let mut iov: Vec<io::IoSliceMut<'_>> = std::iter::once(io::IoSliceMut::new(&mut first[at..]))
+            .chain(rest.iter_mut().map(|p| io::IoSliceMut::new(p)))
+            .collect();
+        let mut bufs = &mut iov[..];
+        io::IoSliceMut::advance_slices(&mut bufs, 0);
+        while !bufs.is_empty() {
+            let n = match self.inner.read_vectored(bufs) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => r?,
+            };
+            if n == 0 {
+                return Err(eof());
+            }
+            io::IoSliceMut::advance_slices(&mut bufs, n);
+        }
+        Ok(())
+    }
+
+    /// Read and drop `n` bytes (a payload no one will use). May block.
+    pub fn skip(&mut self, mut n: usize) -> io::Result<()> {
+        while n > 0 {
+            if self.buffer().is_empty() && self.fill_more()? == 0 {
+                return Err(eof());
+            }
+            let k = n.min(self.buffer().len());
+            self.consume(k);
+            n -= k;
+        }
+        Ok(())
+    }
+}
+
+fn eof() -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, "the client closed the connection")
 }
 
 /// Busy-waiting for the next request, backed off after misses: a wait that
@@ -233,7 +293,18 @@ impl SocketReader {
     }
 }
 
+/// The first non-empty buffer (a spinning read takes vectors one by one).
+fn first_nonempty<'b>(bufs: &'b mut [io::IoSliceMut<'_>]) -> Option<&'b mut [u8]> {
+    bufs.iter_mut().find(|b| !b.is_empty()).map(|b| &mut **b)
+}
+
 impl Read for SocketReader {
+    fn read_vectored(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+        match first_nonempty(bufs) {
+            Some(first) if self.spin => self.read(first),
+            _ => self.sock.read_vectored(bufs),
+        }
+    }
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         use rustix::net::{recv, RecvFlags};
         if !self.spin {
@@ -256,6 +327,18 @@ impl PendingInput for SocketReader {
     }
     fn input_ready(&mut self) -> bool {
         self.sock.readable_now()
+    }
+    fn available(&mut self) -> io::Result<usize> {
+        Ok(rustix::io::ioctl_fionread(&self.sock)? as usize)
+    }
+    fn wait_for_input(&mut self) -> io::Result<()> {
+        use rustix::event::{poll, PollFd, PollFlags};
+        let mut fds = [PollFd::new(&self.sock, PollFlags::IN)];
+        match poll(&mut fds, None) {
+            // Errors and hang-ups are for the next read to report.
+            Ok(_) | Err(rustix::io::Errno::INTR) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
@@ -351,6 +434,12 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
+        }
+    }
+    fn read_vectored(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read_vectored(bufs),
+            Stream::Unix(s) => s.read_vectored(bufs),
         }
     }
 }
@@ -514,6 +603,60 @@ mod tests {
         assert_eq!(&buf[..4], b"late");
         drop(late.join().unwrap());
         assert_eq!(r.read(&mut buf).unwrap(), 0, "end of stream");
+    }
+
+    #[test]
+    fn socket_reader_counts_what_has_arrived_and_waits_for_more() {
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut r = SocketReader::new(Stream::Unix(a), false);
+        assert_eq!(r.available().unwrap(), 0);
+        b.write_all(b"hello").unwrap();
+        assert_eq!(r.available().unwrap(), 5);
+        r.wait_for_input().unwrap(); // at once: bytes are there
+                                     // One vectored read fills both buffers.
+        let (mut x, mut y) = ([0u8; 2], [0u8; 3]);
+        let n = r.read_vectored(&mut [io::IoSliceMut::new(&mut x), io::IoSliceMut::new(&mut y)]).unwrap();
+        assert_eq!((n, &x, &y), (5, b"he", b"llo"));
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            b.write_all(b"!").unwrap();
+            b
+        });
+        let t = Instant::now();
+        r.wait_for_input().unwrap();
+        assert!(t.elapsed() >= Duration::from_millis(40), "woke before anything came");
+        assert_eq!(r.available().unwrap(), 1);
+        drop(late.join().unwrap());
+        r.wait_for_input().unwrap(); // the end of the stream wakes it too
+    }
+
+    #[test]
+    fn request_reader_fills_pieces_from_its_buffer_then_in_one_go_from_the_source() {
+        let all: Vec<u8> = (0..40u8).collect();
+        let mut r = RequestReader::with_capacity(8, pieces(&[&all[..6], &all[6..]]));
+        assert_eq!(r.fill_more().unwrap(), 6);
+        r.consume(1);
+        // 5 buffered bytes, then the source; an empty piece on the way.
+        let (mut p1, mut p2, mut p3, mut p4) = ([0u8; 3], [0u8; 0], [0u8; 10], [0u8; 20]);
+        r.read_exact_pieces(&mut [&mut p1, &mut p2, &mut p3, &mut p4]).unwrap();
+        assert_eq!(&p1, &all[1..4]);
+        assert_eq!(&p3, &all[4..14]);
+        assert_eq!(&p4, &all[14..34]);
+        assert!(r.buffer().is_empty());
+        let e = r.read_exact_pieces(&mut [&mut [0u8; 7]]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "6 bytes left, 7 asked");
+    }
+
+    #[test]
+    fn request_reader_skips_across_its_buffer_and_the_source() {
+        let all: Vec<u8> = (0..30u8).collect();
+        let mut r = RequestReader::with_capacity(8, pieces(&[&all[..5], &all[5..]]));
+        assert_eq!(r.fill_more().unwrap(), 5);
+        r.skip(20).unwrap();
+        let mut next = [0u8; 4];
+        r.read_exact(&mut next).unwrap();
+        assert_eq!(&next, &all[20..24]);
+        assert_eq!(r.skip(7).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
     }
 
     fn pieces(p: &[&[u8]]) -> Pieces {

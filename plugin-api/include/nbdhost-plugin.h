@@ -58,7 +58,7 @@ extern "C" {
 /** Major version: bumped only for incompatible changes. */
 #define NBDHOST_ABI_MAJOR 1
 /** Minor version: bumped when fields are appended to a table. */
-#define NBDHOST_ABI_MINOR 1
+#define NBDHOST_ABI_MINOR 2
 
 /** Name of the single symbol a plugin exports. */
 #define NBDHOST_ENTRY_POINT "nbdhost_plugin_entry"
@@ -261,8 +261,22 @@ struct nbdhost_lend_piece {
  * errno that pread_lend must return unchanged. */
 typedef int (*nbdhost_lend_sink) (void *ctx, const struct nbdhost_lend_piece *pieces, size_t n);
 
+/** One lent piece of memory for the host to fill (ABI 1.2): len bytes at
+ * data. */
+struct nbdhost_lend_piece_mut {
+  /** First byte. */
+  uint8_t *data;
+  /** Number of bytes. */
+  uint64_t len;
+};
+
+/** The host's filler for lent memory (ABI 1.2): n pieces. Returns 0 once
+ * every byte is written, or an errno that pwrite_lend must return
+ * unchanged. */
+typedef int (*nbdhost_lend_sink_mut) (void *ctx, const struct nbdhost_lend_piece_mut *pieces, size_t n);
+
 /**
- * The table a backend's entry point returns (ABI 1.1 layout). Make it a
+ * The table a backend's entry point returns (ABI 1.2 layout). Make it a
  * static, initialise the header with NBDHOST_BACKEND_TABLE_HEADER and set
  * the callbacks you have. create, open, get_size and pread are required;
  * every other callback may be NULL, and the host then falls back: FUA is
@@ -353,6 +367,21 @@ struct nbdhost_plugin_table {
    * still uses pread where lending does not suit it (TLS, small reads). */
   int (*pread_lend) (nbdhost_handle h, uint64_t count, uint64_t offset, uint32_t flags,
                      nbdhost_lend_sink sink, void *ctx);
+
+  /* ---- ABI 1.2 ---- */
+
+  /** Optional: write [offset, offset+count) by lending the memory it goes
+   * to. Call sink(ctx, pieces, n) exactly once, with writable pieces
+   * covering the range in order, and return what it returned; the host
+   * fills every byte before sink returns 0, so hold your locks until then.
+   * The host only calls it with data that has already arrived (the wait
+   * is a copy, never the network) and may split one client write into
+   * several calls. If sink fails the pieces may hold part of the data, as
+   * after a failed pwrite. On failure return an errno without calling it.
+   * Flags: NBDHOST_FLAG_FUA (only if can_fua said NATIVE). The host still
+   * uses pwrite where lending does not suit it (small or buffered writes). */
+  int (*pwrite_lend) (nbdhost_handle h, uint64_t count, uint64_t offset, uint32_t flags,
+                      nbdhost_lend_sink_mut sink, void *ctx);
 };
 
 /**

@@ -33,6 +33,7 @@ type FlushFn = unsafe extern "C" fn(Handle, u32) -> i32;
 type RangeFn = unsafe extern "C" fn(Handle, u64, u64, u32) -> i32;
 type ExtentsFn = unsafe extern "C" fn(Handle, u64, u64, u32, *mut ExtentSink) -> i32;
 type LendFn = unsafe extern "C" fn(Handle, u64, u64, u32, abi::LendSink, *mut std::ffi::c_void) -> i32;
+type LendMutFn = unsafe extern "C" fn(Handle, u64, u64, u32, abi::LendSinkMut, *mut std::ffi::c_void) -> i32;
 
 /// The optional callbacks found by probing the handle type.
 pub struct OptionalOps {
@@ -50,6 +51,8 @@ pub struct OptionalOps {
     pub cache: Option<RangeFn>,
     /// [`LendRead`]
     pub pread_lend: Option<LendFn>,
+    /// [`LendWrite`]
+    pub pwrite_lend: Option<LendMutFn>,
 }
 
 /// Autoref-specialisation probe: `(&Probe::<B>::new()).trim_fn()` resolves
@@ -103,6 +106,7 @@ pub mod probes {
     probe!(HasExtents, NoExtents, extents_fn, Extents, ExtentsFn, shim_extents);
     probe!(HasCache, NoCache, cache_fn, Cache, RangeFn, shim_cache);
     probe!(HasLendRead, NoLendRead, pread_lend_fn, LendRead, LendFn, shim_pread_lend);
+    probe!(HasLendWrite, NoLendWrite, pwrite_lend_fn, LendWrite, LendMutFn, shim_pwrite_lend);
 }
 
 /// Run `f`, turning an `Err` into its errno (with the message handed to the
@@ -358,6 +362,43 @@ where
     })
 }
 
+unsafe extern "C" fn shim_pwrite_lend<B: Backend>(
+    h: Handle,
+    count: u64,
+    offset: u64,
+    flags: u32,
+    sink: abi::LendSinkMut,
+    ctx: *mut std::ffi::c_void,
+) -> i32
+where
+    B::Handle: LendWrite,
+{
+    guard("pwrite_lend", || {
+        let mut called = false;
+        let mut to_host = |pieces: &mut [&mut [u8]]| -> crate::Result<()> {
+            if std::mem::replace(&mut called, true) {
+                return Err(Error::io("pwrite_lend called its sink twice"));
+            }
+            let raw: Vec<abi::LendPieceMut> =
+                pieces.iter_mut().map(|p| abi::LendPieceMut { data: p.as_mut_ptr(), len: p.len() as u64 }).collect();
+            // SAFETY: the host's sink with its context, given pieces that
+            // stay valid and exclusively ours for the call (they borrow
+            // mutably from `pieces`).
+            match unsafe { sink(ctx, raw.as_ptr(), raw.len()) } {
+                0 => Ok(()),
+                // The host knows why; pass its errno back unchanged.
+                errno => Err(Error { errno, message: String::new(), from_below: true }),
+            }
+        };
+        // SAFETY: live handle.
+        let r = unsafe { handle::<B>(h) }.pwrite_lend(count, offset, Flags(flags), &mut to_host);
+        if r.is_ok() && !called {
+            return Err(Error::io("pwrite_lend returned without lending anything"));
+        }
+        r
+    })
+}
+
 struct TableCell(OnceLock<PluginTable>);
 
 /// Build (once) and return the plugin's table.
@@ -413,6 +454,7 @@ pub unsafe fn entry<B: Backend>(host: *const HostApi, ops: OptionalOps) -> *cons
         extents: ops.extents,
         cache: ops.cache,
         pread_lend: ops.pread_lend,
+        pwrite_lend: ops.pwrite_lend,
     });
     t as *const PluginTable
 }

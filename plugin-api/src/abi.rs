@@ -48,7 +48,8 @@ pub const ABI_MAJOR: u16 = 1;
 ///
 /// * 1.0: the first table.
 /// * 1.1: `PluginTable::pread_lend`.
-pub const ABI_MINOR: u16 = 1;
+/// * 1.2: `PluginTable::pwrite_lend`.
+pub const ABI_MINOR: u16 = 2;
 
 /// Name of the single symbol a plugin exports (without the trailing NUL).
 pub const ENTRY_POINT: &str = "nbdhost_plugin_entry";
@@ -312,6 +313,29 @@ pub struct PluginTable {
     pub pread_lend: Option<
         unsafe extern "C" fn(h: Handle, count: u64, offset: u64, flags: u32, sink: LendSink, ctx: *mut c_void) -> i32,
     >,
+
+    /// (ABI 1.2, optional) Write `[offset, offset+count)` by lending the
+    /// memory it goes to: call `sink(ctx, pieces, n)` exactly once, with
+    /// writable pieces that cover the range in order, and return what it
+    /// returned. The host fills every byte of them with the write's data
+    /// before `sink` returns 0; hold whatever locks keep the pieces yours
+    /// (and keep readers out) until then. The host only calls it with data
+    /// that has already arrived, so the wait is a copy, never the network,
+    /// and it may split one client write into several calls. If `sink`
+    /// fails the pieces may hold part of the data, as after a failed
+    /// `pwrite`. On failure return an errno without calling `sink`. Flags:
+    /// [`FLAG_FUA`] (only if `can_fua` said NATIVE). The host still calls
+    /// `pwrite` where lending does not suit it (small or buffered writes).
+    pub pwrite_lend: Option<
+        unsafe extern "C" fn(
+            h: Handle,
+            count: u64,
+            offset: u64,
+            flags: u32,
+            sink: LendSinkMut,
+            ctx: *mut c_void,
+        ) -> i32,
+    >,
 }
 
 /// One lent piece of data: `len` bytes at `data`.
@@ -327,6 +351,22 @@ pub struct LendPiece {
 /// The host's receiver for lent data: `n` pieces at `pieces`. Returns 0, or
 /// an errno that `pread_lend` must return unchanged.
 pub type LendSink = unsafe extern "C" fn(ctx: *mut c_void, pieces: *const LendPiece, n: usize) -> i32;
+
+/// One lent piece of memory for the host to fill (ABI 1.2): `len` bytes at
+/// `data`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct LendPieceMut {
+    /// First byte.
+    pub data: *mut u8,
+    /// Number of bytes.
+    pub len: u64,
+}
+
+/// The host's filler for lent memory (ABI 1.2): `n` pieces at `pieces`.
+/// Returns 0 once every byte is written, or an errno that `pwrite_lend`
+/// must return unchanged.
+pub type LendSinkMut = unsafe extern "C" fn(ctx: *mut c_void, pieces: *const LendPieceMut, n: usize) -> i32;
 
 /// The layer below a filter, as the host offers it. Every call goes through
 /// the host's checks for that layer (ranges, flags, capability emulation),

@@ -94,8 +94,8 @@ pub use error::{Error, Result};
 pub use filter::{Filter, FilterConnection, Next};
 pub use params::{param, ParamKind, Params};
 pub use traits::{
-    Backend, BlockSize, Cache, Connection, ExtentList, Extents, Flags, Flush, LendRead, OpenContext, Pwrite, Support,
-    ThreadModel, Trim, Zero,
+    Backend, BlockSize, Cache, Connection, ExtentList, Extents, Flags, Flush, LendRead, LendWrite, OpenContext, Pwrite,
+    Support, ThreadModel, Trim, Zero,
 };
 
 /// Export a [`Backend`] implementation as an nbdhost plugin.
@@ -125,6 +125,7 @@ macro_rules! export_backend {
                 extents: probe.extents_fn(),
                 cache: probe.cache_fn(),
                 pread_lend: probe.pread_lend_fn(),
+                pwrite_lend: probe.pwrite_lend_fn(),
             };
             // SAFETY: `host` comes from the nbdhost loader and lives as long
             // as this library stays loaded.

@@ -194,6 +194,29 @@ pub trait LendRead: Connection {
     ) -> Result<()>;
 }
 
+/// Receiving writes straight into the backend's memory (ABI 1.2): for
+/// backends that hold the data in memory, so the host can copy a write from
+/// the socket to where it belongs without a buffer in between.
+pub trait LendWrite: Pwrite {
+    /// Call `sink` once with writable slices covering `[offset,
+    /// offset+count)` in order, and return what it returns. The host fills
+    /// every byte with the write's data before `sink` returns `Ok`; keep
+    /// the slices yours while it runs (hold your locks, which also keeps
+    /// readers from seeing a half-written range). Only data that has
+    /// already arrived is copied in, so this never waits on the client,
+    /// and one client write may come as several calls. If `sink` fails, the
+    /// slices may hold part of the data. Fail without calling it if the
+    /// range cannot be written. `pwrite` must still work: the host uses it
+    /// for small writes and ones already buffered.
+    fn pwrite_lend(
+        &self,
+        count: u64,
+        offset: u64,
+        flags: Flags,
+        sink: &mut dyn FnMut(&mut [&mut [u8]]) -> Result<()>,
+    ) -> Result<()>;
+}
+
 /// Prefetching.
 pub trait Cache: Connection {
     /// Advisory: bring `[offset, offset+count)` into a faster tier.

@@ -319,7 +319,8 @@ fn nbdcopy_nbdinfo_nbdsh_move_data_through_tls() {
     let ca = Ca::new("test CA");
     let sdir = server_dir(ex.dir.path(), &ca);
     let cdir = client_dir(ex.dir.path(), "client", &ca, None);
-    let srv = Server::start(&ex, &["--tls", "require", "--tls-certificates", &s(&sdir)]);
+    // Traced, to see the writes received into lent memory.
+    let srv = Server::start(&ex, &["--tls", "require", "--tls-certificates", &s(&sdir), "--log-level", "trace"]);
     let uri = nbds(&srv, "mem", &cdir);
 
     let info = nbdinfo(&[&uri]);
@@ -339,6 +340,9 @@ fn nbdcopy_nbdinfo_nbdsh_move_data_through_tls() {
     assert_eq!(got.len(), 16 << 20);
     assert!(got[..8 << 20] == data[..], "data changed on the way through TLS");
     assert!(got[8 << 20..].iter().all(|&b| b == 0));
+    // The payloads went from the TLS session straight into the memory
+    // backend's pages (ABI 1.2), record by record.
+    assert!(srv.wait_for_log("mem: pwrite_lend"), "no write was received into lent memory\n{}", srv.log());
 
     let head: String = data[..16].iter().map(|b| format!("{b:02x}")).collect();
     let script = format!(

@@ -64,6 +64,10 @@ const IDLE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 /// Data runs at least this long are lent by layers that can (memory):
 /// sent from the layer's pages instead of copied into the reply first.
 const LEND_MIN: usize = 64 * 1024;
+/// Writes at least this large that are not all here yet are received into
+/// memory the layer lends, in parts of at least this much (or the rest):
+/// one TLS record's worth, so a part is one call, not one per packet.
+const LEND_WRITE_MIN: usize = 16 * 1024;
 /// Data runs copied instead of lent after a lent one did not fit the socket.
 const LEND_SKIP_AFTER_PARTIAL: u32 = 8;
 /// Payload buffers kept per connection for reuse.
@@ -615,7 +619,12 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                     return Err(e);
                 }
             }
-            if !inline {
+            if !buffered && inline && req.command == CMD_WRITE && self.lends_for(plen) {
+                if let Err(e) = self.receive_write(&req, reader, plen, out) {
+                    self.finish(1, cost);
+                    return Err(e);
+                }
+            } else if !inline {
                 let mut payload = self.payload_buffer(plen);
                 if let Err(e) = reader.read_exact(&mut payload[..plen]) {
                     self.finish(1, cost);
@@ -628,8 +637,7 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                 }
                 self.push(Job::Request { req, payload, len: plen, cost }, scope);
                 continue;
-            }
-            if buffered {
+            } else if buffered {
                 self.execute(&req, &reader.buffer()[..plen], cost, out, false, scope);
                 reader.consume(plen);
             } else {
@@ -683,6 +691,95 @@ impl<'a, W: Write + Send> Conn<'a, W> {
         }
     }
 
+    /// Whether a write of `len` bytes still on its way is received into
+    /// memory the layer lends.
+    fn lends_for(&self, len: usize) -> bool {
+        len >= LEND_WRITE_MIN && self.layer.caps().lend_write
+    }
+
+    /// Run a WRITE whose payload is still arriving by receiving it into
+    /// memory the layer lends (ABI 1.2 `pwrite_lend`) rather than into a
+    /// buffer the layer then copies from: each part, once it has arrived,
+    /// is read from the socket straight to where it belongs. The layer is
+    /// only ever called for data already here, so it never holds its locks
+    /// while the client takes its time; a client that sends in dribbles
+    /// has them gathered in the read buffer first. The payload is consumed
+    /// whatever happens to the request (framing). Appends the reply to
+    /// `out`; an error is the connection's.
+    fn receive_write<R: Read + PendingInput>(
+        &self,
+        req: &Request,
+        reader: &mut RequestReader<R>,
+        len: usize,
+        out: &mut OutBuf,
+    ) -> io::Result<()> {
+        let fua = req.flags & CMD_FLAG_FUA != 0;
+        // The whole write is checked before any part of it is written.
+        let mut failed = self.check(req).and_then(|()| self.layer.check_write(len as u64, req.offset)).err();
+        let (mut done, mut waited, mut slept) = (0, false, false);
+        while done < len {
+            let want = len - done;
+            let here = reader.buffer().len() + reader.get_mut().available()?;
+            if here < want.min(LEND_WRITE_MIN) {
+                if !waited {
+                    reader.get_mut().wait_for_input()?;
+                    waited = true;
+                } else if reader.fill_more()? == 0 {
+                    // Woken and still short: take what came into the read
+                    // buffer (so this never spins), or the stream ended.
+                    // (A full buffer holds more than LEND_WRITE_MIN.)
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the client closed the connection"));
+                } else {
+                    waited = false;
+                }
+                continue;
+            }
+            waited = false;
+            let n = want.min(here);
+            if failed.is_some() {
+                reader.skip(n)?;
+                done += n;
+                continue;
+            }
+            let (mut filled, mut broken) = (false, None);
+            let start = self.start_measuring();
+            let r = self.layer.write_lend(n as u64, req.offset + done as u64, fua, &mut |pieces| match reader
+                .read_exact_pieces(pieces)
+            {
+                Ok(()) => {
+                    filled = true;
+                    Ok(())
+                }
+                Err(e) => {
+                    broken = Some(e);
+                    Err(libc::EIO)
+                }
+            });
+            slept |= start.is_some_and(|before| voluntary_switches() > before);
+            if let Some(e) = broken {
+                return Err(e);
+            }
+            if !filled {
+                // The layer failed (or lent the wrong pieces) before any
+                // of this part was read.
+                reader.skip(n)?;
+            }
+            done += n;
+            if let Err(e) = r {
+                failed = Some(e);
+            }
+        }
+        self.note_slept(CMD_WRITE, slept);
+        match failed {
+            None => out.ok(req),
+            Some(e) => {
+                self.log_failure(req, &e);
+                out.error(req, &e, None, true);
+            }
+        }
+        Ok(())
+    }
+
     /// The client is idle: give back what large requests made this
     /// connection keep, so many idle connections cost little memory.
     fn release_buffers(&self, out: &mut OutBuf, payload_buf: &mut Vec<u8>) {
@@ -731,7 +828,15 @@ impl<'a, W: Write + Send> Conn<'a, W> {
     /// Feed whether a request slept into its kind's moving average.
     fn record(&self, command: u16, start: Option<std::ffi::c_long>) {
         let Some(before) = start else { return };
-        let slept = voluntary_switches() > before;
+        self.note_slept(command, voluntary_switches() > before);
+    }
+
+    /// Feed whether a request slept into its kind's moving average
+    /// (parallel pipelines only).
+    fn note_slept(&self, command: u16, slept: bool) {
+        if !self.parallel {
+            return;
+        }
         // Racy read-modify-write between threads: it is an estimate.
         let avg = &self.blocking[kind(command)];
         let old = avg.load(Ordering::Relaxed);

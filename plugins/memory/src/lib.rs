@@ -5,8 +5,8 @@
 
 use nbdhost_plugin_api::abi::{EXTENT_HOLE, EXTENT_ZERO};
 use nbdhost_plugin_api::{
-    export_backend, param, Backend, Cache, Connection, Error, ExtentList, Extents, Flags, Flush, LendRead, OpenContext,
-    ParamKind, Params, Pwrite, Result, Support, Trim, Zero,
+    export_backend, param, Backend, Cache, Connection, Error, ExtentList, Extents, Flags, Flush, LendRead, LendWrite,
+    OpenContext, ParamKind, Params, Pwrite, Result, Support, Trim, Zero,
 };
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -147,6 +147,25 @@ impl SparseStore {
         sink(&slices)
     }
 
+    /// Hand `sink` the memory of `[offset, offset+len)` to fill with a
+    /// write's data: the pages, allocated if need be and write-locked while
+    /// it runs (so no reader sees the range half-written). Pages are found
+    /// first and then locked in ascending order, as in [`Self::lend`].
+    pub fn lend_for_write(
+        &self,
+        len: u64,
+        offset: u64,
+        sink: &mut dyn FnMut(&mut [&mut [u8]]) -> Result<()>,
+    ) -> Result<()> {
+        self.check(len, offset)?;
+        let found: Vec<(Page, usize, usize)> =
+            Self::pieces(offset, len).map(|(page, at, n, _)| (self.page_or_new(page), at, n)).collect();
+        let mut guards: Vec<_> = found.iter().map(|(p, _, _)| p.write().unwrap_or_else(|e| e.into_inner())).collect();
+        let mut slices: Vec<&mut [u8]> =
+            found.iter().zip(guards.iter_mut()).map(|(&(_, at, n), g)| &mut g[at..at + n]).collect();
+        sink(&mut slices)
+    }
+
     /// Write `buf` at `offset`, allocating pages as needed.
     pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check(buf.len() as u64, offset)?;
@@ -279,6 +298,18 @@ impl Pwrite for MemoryHandle {
     }
 }
 
+impl LendWrite for MemoryHandle {
+    fn pwrite_lend(
+        &self,
+        count: u64,
+        offset: u64,
+        _flags: Flags,
+        sink: &mut dyn FnMut(&mut [&mut [u8]]) -> Result<()>,
+    ) -> Result<()> {
+        self.store.lend_for_write(count, offset, sink)
+    }
+}
+
 impl LendRead for MemoryHandle {
     fn pread_lend(
         &self,
@@ -402,6 +433,48 @@ mod tests {
         assert!(s.lend(2, 8 * PAGE - 1, &mut |_| Ok(())).is_err(), "out of range");
     }
 
+    /// A writer filling lent pages holds them: a reader of the range sees
+    /// it before or after the write, never half of it.
+    #[test]
+    fn readers_never_see_a_lent_write_half_done() {
+        let s = Arc::new(SparseStore::new(4 * PAGE));
+        // Allocated first: a reader that finds a page still unallocated
+        // (and so lends zeros) could see a first write half done.
+        s.write(&vec![0xff; 4 * PAGE as usize], 0).unwrap();
+        let writer = {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                for round in 1..=200u32 {
+                    s.lend_for_write(2 * PAGE, PAGE / 2, &mut |pieces| {
+                        for p in pieces.iter_mut() {
+                            for b in p.iter_mut() {
+                                *b = round as u8;
+                            }
+                        }
+                        Ok(())
+                    })
+                    .unwrap();
+                }
+            })
+        };
+        while !writer.is_finished() {
+            let mut buf = vec![0u8; 2 * PAGE as usize];
+            s.lend(2 * PAGE, PAGE / 2, &mut |pieces| {
+                let mut at = 0;
+                for p in pieces {
+                    buf[at..at + p.len()].copy_from_slice(p);
+                    at += p.len();
+                }
+                Ok(())
+            })
+            .unwrap();
+            assert!(buf.iter().all(|&b| b == buf[0]), "a reader saw a write half done");
+            assert!(buf[0] != 0, "pages lent for a write are never lent empty");
+        }
+        writer.join().unwrap();
+        assert!(s.lend_for_write(2, 4 * PAGE - 1, &mut |_| Ok(())).is_err(), "out of range");
+    }
+
     #[test]
     fn out_of_range_is_refused() {
         let s = SparseStore::new(4096);
@@ -418,7 +491,8 @@ mod tests {
 
         #[derive(Debug, Clone)]
         enum Op {
-            Write(u64, Vec<u8>),
+            /// With `true`, through `lend_for_write`.
+            Write(u64, Vec<u8>, bool),
             Zero(u64, u64),
             Read(u64, u64),
         }
@@ -426,13 +500,25 @@ mod tests {
         fn op() -> impl Strategy<Value = Op> {
             let off = 0..SIZE;
             prop_oneof![
-                (off.clone(), 1..(2 * PAGE as usize), any::<u8>()).prop_map(|(o, len, seed)| Op::Write(
-                    o,
-                    (0..len).map(|i| seed.wrapping_add(i as u8) | 1).collect()
-                )),
+                (off.clone(), 1..(2 * PAGE as usize), any::<u8>(), any::<bool>()).prop_map(|(o, len, seed, lent)| {
+                    Op::Write(o, (0..len).map(|i| seed.wrapping_add(i as u8) | 1).collect(), lent)
+                }),
                 (off.clone(), 1..(3 * PAGE)).prop_map(|(o, l)| Op::Zero(o, l)),
                 (off, 1..(3 * PAGE)).prop_map(|(o, l)| Op::Read(o, l)),
             ]
+        }
+
+        /// Write `d` at `o` by filling the pieces the store lends.
+        fn fill(s: &SparseStore, d: &[u8], o: u64) -> Result<()> {
+            s.lend_for_write(d.len() as u64, o, &mut |pieces| {
+                let mut at = 0;
+                for p in pieces.iter_mut() {
+                    p.copy_from_slice(&d[at..at + p.len()]);
+                    at += p.len();
+                }
+                assert_eq!(at, d.len(), "pieces cover the write exactly");
+                Ok(())
+            })
         }
 
         fn extents(s: &SparseStore, off: u64, len: u64) -> Vec<(u64, u64, u32)> {
@@ -446,9 +532,10 @@ mod tests {
                 let mut model = vec![0u8; SIZE as usize];
                 for op in ops {
                     match op {
-                        Op::Write(o, d) => {
+                        Op::Write(o, d, lent) => {
                             let fits = o + d.len() as u64 <= SIZE;
-                            prop_assert_eq!(store.write(&d, o).is_ok(), fits);
+                            let r = if lent { fill(&store, &d, o) } else { store.write(&d, o) };
+                            prop_assert_eq!(r.is_ok(), fits);
                             if fits {
                                 model[o as usize..o as usize + d.len()].copy_from_slice(&d);
                             }

@@ -11,10 +11,16 @@
 //!   or more): `copy` (default: lends a copy made by `pread`, so every rule
 //!   above holds), `good` (lends its memory), `short` (lends one byte too
 //!   few), `panic` (panics before lending), `twice` (calls the sink again).
+//! * `lend_write` (ABI 1.2 `pwrite_lend`, which the host uses for writes of
+//!   16 KiB or more still arriving): `copy` (default: lends a scratch
+//!   buffer, then `pwrite`s it), `good` (lends its memory, in two pieces),
+//!   `short` (one byte too few), `panic` (panics before lending), `twice`
+//!   (calls the sink again), `refuse` (fails with ENOSPC without lending),
+//!   `fail` (fails with EIO after the sink filled its memory).
 //! Every other byte reads back what was written (initially zero).
 
 use nbdhost_plugin_api::{
-    export_backend, param, Backend, BlockSize, Connection, Error, Flags, LendRead, OpenContext, ParamKind, Params,
+    export_backend, param, Backend, BlockSize, Connection, Error, Flags, LendRead, LendWrite, OpenContext, ParamKind, Params,
     Pwrite, Result,
 };
 use std::sync::{Arc, RwLock};
@@ -29,6 +35,7 @@ pub struct Faulty {
     min_block: u32,
     max_block: u32,
     lend: String,
+    lend_write: String,
 }
 
 pub struct FaultyHandle(Faulty);
@@ -51,6 +58,13 @@ impl Backend for Faulty {
         param(c"min_block", ParamKind::Size, false, Some(c"0"), c"minimum block size to declare (0: none)"),
         param(c"max_block", ParamKind::Size, false, Some(c"0"), c"maximum payload to declare (0: default)"),
         param(c"lend", ParamKind::String, false, Some(c"copy"), c"pread_lend: copy, good, short, panic, twice"),
+        param(
+            c"lend_write",
+            ParamKind::String,
+            false,
+            Some(c"copy"),
+            c"pwrite_lend: copy, good, short, panic, twice, refuse, fail",
+        ),
     ];
 
     fn create(p: &Params) -> Result<Self> {
@@ -64,6 +78,7 @@ impl Backend for Faulty {
             min_block: p.size("min_block")?.unwrap_or(0) as u32,
             max_block: p.size("max_block")?.unwrap_or(0) as u32,
             lend: p.get("lend").unwrap_or("copy").to_string(),
+            lend_write: p.get("lend_write").unwrap_or("copy").to_string(),
         })
     }
 
@@ -127,6 +142,47 @@ impl LendRead for FaultyHandle {
                 sink(&[a, b])
             }
             other => Err(Error::invalid(format!("unknown lend mode {other}"))),
+        }
+    }
+}
+
+impl LendWrite for FaultyHandle {
+    fn pwrite_lend(
+        &self,
+        count: u64,
+        offset: u64,
+        flags: Flags,
+        sink: &mut dyn FnMut(&mut [&mut [u8]]) -> Result<()>,
+    ) -> Result<()> {
+        let mode = self.0.lend_write.as_str();
+        if mode == "copy" {
+            let mut buf = vec![0u8; count as usize];
+            sink(&mut [&mut buf])?;
+            return self.pwrite(&buf, offset, flags);
+        }
+        if mode == "panic" {
+            // Before taking the lock: a panic under it would poison it.
+            panic!("faulty plugin: deliberate panic lending offset {offset} for a write");
+        }
+        let mut d = self.0.data.write().unwrap();
+        let all = &mut d[offset as usize..(offset + count) as usize];
+        let (a, b) = all.split_at_mut(all.len() / 2);
+        match mode {
+            "good" => sink(&mut [a, b]),
+            "short" => {
+                let n = b.len() - 1;
+                sink(&mut [a, &mut b[..n]])
+            }
+            "twice" => {
+                sink(&mut [&mut *a, &mut *b])?;
+                sink(&mut [a, b])
+            }
+            "refuse" => Err(Error::no_space(format!("faulty plugin: no room at offset {offset}"))),
+            "fail" => {
+                sink(&mut [a, b])?;
+                Err(Error::io(format!("faulty plugin: injected failure after filling offset {offset}")))
+            }
+            other => Err(Error::invalid(format!("unknown lend_write mode {other}"))),
         }
     }
 }
