@@ -752,7 +752,7 @@ impl PluginHandle {
         sink: &mut LendFiller<'_>,
     ) -> Result<(), PluginError> {
         let Some(f) = self.table().pwrite_lend else { return Err(absent("pwrite_lend", libc::EINVAL)) };
-        let mut ctx = LendMutCtx { sink, count, calls: 0, refused: None };
+        let mut ctx = LendMutCtx { sink, count, calls: 0, refused: None, sink_failed: false };
         let ctx_ptr = &mut ctx as *mut LendMutCtx<'_> as *mut c_void;
         // SAFETY: `lend_sink_mut` is given `ctx_ptr`, which points at `ctx`
         // and outlives the call.
@@ -766,6 +766,10 @@ impl PluginHandle {
             Ok(()) if ctx.calls != 1 => Err(PluginError {
                 errno: libc::EIO,
                 message: format!("plugin {name}: pwrite_lend called its sink {} times, not once", ctx.calls),
+            }),
+            Ok(()) if ctx.sink_failed => Err(PluginError {
+                errno: libc::EIO,
+                message: format!("plugin {name}: pwrite_lend returned success although its memory was not filled"),
             }),
             r => r,
         }
@@ -1050,6 +1054,8 @@ struct LendMutCtx<'a> {
     calls: u32,
     /// Why the plugin's pieces were refused unfilled.
     refused: Option<String>,
+    /// The filler failed: the pieces may not hold the data.
+    sink_failed: bool,
 }
 
 /// The host's `LendSinkMut`: checks the plugin's pieces (one call, exactly
@@ -1088,11 +1094,13 @@ unsafe extern "C" fn lend_sink_mut(ctx: *mut c_void, pieces: *const abi::LendPie
         slices.push(unsafe { std::slice::from_raw_parts_mut(p.data, p.len as usize) });
     }
     // A panic in the host's own closure must not unwind into the plugin.
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (ctx.sink)(&mut slices))) {
+    let r = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (ctx.sink)(&mut slices))) {
         Ok(Ok(())) => 0,
         Ok(Err(errno)) => errno.max(1),
         Err(_) => libc::EIO,
-    }
+    };
+    ctx.sink_failed = r != 0;
+    r
 }
 
 fn absent(what: &str, errno: i32) -> PluginError {

@@ -655,8 +655,17 @@ impl CheckedLayer {
 
     /// Write `len` bytes at `offset` by having the layer lend the memory
     /// they go to, which `sink` fills (only if [`Capabilities::lend_write`]);
-    /// the same checks and FUA handling as [`Self::write`].
-    pub fn write_lend(&self, len: u64, offset: u64, fua: bool, sink: &mut LendFiller<'_>) -> Result<(), OpError> {
+    /// the same checks as [`Self::write`]. One client write may come as
+    /// several parts: native FUA goes with each, an emulated one is a
+    /// single flush after the `last`.
+    pub fn write_lend(
+        &self,
+        len: u64,
+        offset: u64,
+        fua: bool,
+        last: bool,
+        sink: &mut LendFiller<'_>,
+    ) -> Result<(), OpError> {
         self.check_write(len, offset)?;
         if len == 0 {
             return Ok(());
@@ -664,7 +673,7 @@ impl CheckedLayer {
         let _g = self.lock.enter();
         log::trace!("{}: pwrite_lend {}+{} fua={}", self.name, offset, len, fua);
         self.inner.pwrite_lend(len, offset, self.fua_flag(fua), sink)?;
-        self.after_write(fua)
+        self.after_write(fua && last)
     }
 
     /// Flush everything written so far.

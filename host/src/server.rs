@@ -136,6 +136,7 @@ impl Server {
             let accepted = match &l {
                 Listener::Tcp(t) => t.accept().map(|(s, a)| {
                     let _ = s.set_nodelay(true);
+                    let _ = rustix::net::sockopt::set_socket_oobinline(&s, true);
                     (Stream::Tcp(s), a.to_string())
                 }),
                 Listener::Unix(u, _) => u.accept().map(|(s, _)| {
@@ -143,6 +144,11 @@ impl Server {
                     // (TCP's does): room for a whole large reply lets lent
                     // read data leave in one send instead of being copied.
                     let _ = rustix::net::sockopt::set_socket_send_buffer_size(&s, UNIX_SEND_BUFFER);
+                    // Out-of-band bytes are data like any other (NBD has no
+                    // use for them): without this, FIONREAD on a Unix
+                    // socket counts one that no read returns, and a write
+                    // received into lent memory would wait for it.
+                    let _ = rustix::net::sockopt::set_socket_oobinline(&s, true);
                     (Stream::Unix(s), "unix".to_string())
                 }),
             };

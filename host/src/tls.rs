@@ -638,10 +638,43 @@ impl PendingInput for TlsReader {
                 // Fed and yet nothing came out: leave it to a read.
                 return Ok(());
             }
-            let n = self.sock.read(&mut self.buf)?;
+            let n = match self.sock.read(&mut self.buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => r?,
+            };
             (self.start, self.end, self.eof) = (0, n, n == 0);
         }
         Ok(())
+    }
+
+    fn read_now(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
+        // Only what is decrypted: the socket is not touched.
+        let mut conn = lock(&self.shared.conn);
+        let mut n = 0;
+        for b in bufs.iter_mut().filter(|b| !b.is_empty()) {
+            match conn.reader().read(b) {
+                Ok(0) if n == 0 => return Ok(0),
+                Ok(k) => {
+                    n += k;
+                    self.plaintext = self.plaintext.saturating_sub(k);
+                    if k < b.len() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.plaintext = 0;
+                    break;
+                }
+                Err(e) => return if n == 0 { Err(e) } else { Ok(n) },
+            }
+        }
+        if n == 0 && bufs.iter().any(|b| !b.is_empty()) {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
     }
 }
 

@@ -33,6 +33,10 @@ pub trait PendingInput {
     /// Block until a read would return at once: bytes have come, the
     /// stream has ended, or an error waits for the next read.
     fn wait_for_input(&mut self) -> io::Result<()>;
+
+    /// Read into `bufs` (in order) only what is here: `WouldBlock` instead
+    /// of waiting when nothing is, 0 at the end of the stream.
+    fn read_now(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize>;
 }
 
 /// Buffered input for the transmission phase. Unlike `std::io::BufReader`,
@@ -125,17 +129,21 @@ impl<R: Read> RequestReader<R> {
         Ok(())
     }
 
-    /// Fill every piece entirely, in order: buffered input first, then
-    /// straight from the source into the pieces, as many per read as it
-    /// takes (one `readv` on a socket). `UnexpectedEof` if the stream ends
-    /// first.
-    pub fn read_exact_pieces(&mut self, pieces: &mut [&mut [u8]]) -> io::Result<()> {
+    /// Fill every piece entirely, in order, from input that is already
+    /// here (buffered input first, then as many pieces per read as it
+    /// takes): never waits. `WouldBlock` if less was here than asked for,
+    /// `UnexpectedEof` if the stream ended. `got` counts the bytes taken,
+    /// whatever the outcome, so the caller can skip the rest.
+    pub fn read_pieces_now(&mut self, pieces: &mut [&mut [u8]], got: &mut usize) -> io::Result<()>
+    where
+        R: PendingInput,
+    {
         let (mut idx, mut at) = (0, 0);
         while idx < pieces.len() && (at == pieces[idx].len() || !self.buffer().is_empty()) {
             let n = (pieces[idx].len() - at).min(self.filled - self.pos);
             pieces[idx][at..at + n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
             self.consume(n);
-            at += n;
+            (at, *got) = (at + n, *got + n);
             if at == pieces[idx].len() {
                 (idx, at) = (idx + 1, 0);
             }
@@ -147,13 +155,14 @@ impl<R: Read> RequestReader<R> {
         let mut bufs = &mut iov[..];
         io::IoSliceMut::advance_slices(&mut bufs, 0);
         while !bufs.is_empty() {
-            let n = match self.inner.read_vectored(bufs) {
+            let n = match self.inner.read_now(bufs) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 r => r?,
             };
             if n == 0 {
                 return Err(eof());
             }
+            *got += n;
             io::IoSliceMut::advance_slices(&mut bufs, n);
         }
         Ok(())
@@ -330,6 +339,11 @@ impl PendingInput for SocketReader {
     }
     fn available(&mut self) -> io::Result<usize> {
         Ok(rustix::io::ioctl_fionread(&self.sock)? as usize)
+    }
+    fn read_now(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+        use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvFlags};
+        let r = recvmsg(&self.sock, bufs, &mut RecvAncillaryBuffer::default(), RecvFlags::DONTWAIT);
+        Ok(r?.bytes)
     }
     fn wait_for_input(&mut self) -> io::Result<()> {
         use rustix::event::{poll, PollFd, PollFlags};
@@ -543,6 +557,31 @@ mod tests {
     /// A source that hands out its bytes in the pieces given, one per read.
     struct Pieces(std::collections::VecDeque<Vec<u8>>);
 
+    /// An empty piece stands for "nothing here yet": a read that meets one
+    /// takes it and returns `WouldBlock`.
+    impl PendingInput for Pieces {
+        fn holds_input(&mut self) -> bool {
+            true
+        }
+        fn input_ready(&mut self) -> bool {
+            true
+        }
+        fn available(&mut self) -> io::Result<usize> {
+            Ok(self.0.iter().take_while(|p| !p.is_empty()).map(Vec::len).sum())
+        }
+        fn wait_for_input(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+        fn read_now(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+            if self.0.front().is_some_and(Vec::is_empty) {
+                self.0.pop_front();
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let Some(first) = bufs.iter_mut().find(|b| !b.is_empty()) else { return Ok(0) };
+            self.read(first)
+        }
+    }
+
     impl Read for Pieces {
         fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
             let Some(mut p) = self.0.pop_front() else { return Ok(0) };
@@ -638,13 +677,32 @@ mod tests {
         r.consume(1);
         // 5 buffered bytes, then the source; an empty piece on the way.
         let (mut p1, mut p2, mut p3, mut p4) = ([0u8; 3], [0u8; 0], [0u8; 10], [0u8; 20]);
-        r.read_exact_pieces(&mut [&mut p1, &mut p2, &mut p3, &mut p4]).unwrap();
+        let mut got = 0;
+        r.read_pieces_now(&mut [&mut p1, &mut p2, &mut p3, &mut p4], &mut got).unwrap();
+        assert_eq!(got, 33);
         assert_eq!(&p1, &all[1..4]);
         assert_eq!(&p3, &all[4..14]);
         assert_eq!(&p4, &all[14..34]);
         assert!(r.buffer().is_empty());
-        let e = r.read_exact_pieces(&mut [&mut [0u8; 7]]).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "6 bytes left, 7 asked");
+        let mut got = 0;
+        let e = r.read_pieces_now(&mut [&mut [0u8; 7]], &mut got).unwrap_err();
+        assert_eq!((e.kind(), got), (io::ErrorKind::UnexpectedEof, 6), "6 bytes left, 7 asked");
+    }
+
+    /// Less here than promised (a count that was wrong): the read stops
+    /// rather than waits, and says how much it took.
+    #[test]
+    fn request_reader_reading_pieces_now_never_waits() {
+        let mut r = RequestReader::with_capacity(8, pieces(&[b"abcd", b"ef", b"", b"gh"]));
+        assert_eq!(r.fill_more().unwrap(), 4);
+        let (mut a, mut b) = ([0u8; 5], [0u8; 3]);
+        let mut got = 0;
+        let e = r.read_pieces_now(&mut [&mut a, &mut b], &mut got).unwrap_err();
+        assert_eq!((e.kind(), got), (io::ErrorKind::WouldBlock, 6));
+        assert_eq!((&a, &b[..1]), (b"abcde", &b"f"[..]));
+        let mut rest = [0u8; 2];
+        r.read_exact(&mut rest).unwrap();
+        assert_eq!(&rest, b"gh", "nothing was lost");
     }
 
     #[test]

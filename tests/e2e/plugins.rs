@@ -298,7 +298,8 @@ fn lent_writes_land_whole_and_broken_lending_fails_only_that_write() {
             assert!(back == data, "{mode}: the lent write did not land whole");
         } else if lands {
             // A write that failed after filling: the parts before the
-            // failure landed (it came in several parts), nothing else.
+            // failure landed (all of it if it came as one part), nothing
+            // else.
             let k = back.iter().zip(&data).position(|(a, b)| a != b).unwrap_or(data.len());
             assert!(k > 0 && back[k..].iter().all(|&b| b == 0), "{mode}: not a prefix of the write ({k})");
         } else {
@@ -312,6 +313,104 @@ fn lent_writes_land_whole_and_broken_lending_fails_only_that_write() {
         }
         assert!(srv.alive(), "{mode}: server died\n{}", srv.log());
     }
+}
+
+/// A lent write that arrives in odd pieces (a pause after 20000 bytes, or
+/// dribbled 1000 bytes at a time) is taken in parts that keep to the
+/// layer's 4 KiB minimum block, and lands whole.
+#[test]
+fn lent_writes_arriving_in_odd_pieces_keep_to_the_minimum_block() {
+    let dir = build_test_plugin("faulty");
+    let ex = Exports::new();
+    ex.snippet("f", "[[layer]]\nplugin = \"faulty\"\nlend_write = \"good\"\nmin_block = \"4K\"\n");
+    let mut srv = Server::start(&ex, &["--plugin-dir", dir.to_str().unwrap()]);
+    let mut r = Raw::fixed(&srv.addr);
+    r.go("f");
+    let at = 8u64 << 20;
+    for (cookie, piece, pause_ms) in [(1u64, 20_000usize, 100u64), (2, 1000, 1)] {
+        let data = random_bytes(256 << 10, cookie);
+        r.request(0, 1, cookie, at, data.len() as u32, &[]);
+        for p in data.chunks(piece) {
+            r.send(p);
+            if piece == 20_000 && p.as_ptr() != data.as_ptr() {
+                continue; // one pause, after the first piece
+            }
+            std::thread::sleep(std::time::Duration::from_millis(pause_ms));
+        }
+        assert_eq!(r.simple_reply(), (0, cookie), "pieces of {piece}\n{}", srv.log());
+        r.request(0, 0, 10 + cookie, at, data.len() as u32, &[]);
+        assert_eq!(r.simple_reply(), (0, 10 + cookie));
+        assert!(r.try_read(data.len()).unwrap() == data, "pieces of {piece}: the write did not land whole");
+    }
+    assert!(srv.alive());
+}
+
+/// A GO over a Unix socket, by hand (the harness's `Raw` is TCP-only).
+fn unix_go(path: &std::path::Path, name: &str) -> std::os::unix::net::UnixStream {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).unwrap();
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    let data = Raw::info_data(name, &[]);
+    let mut opt = b"IHAVEOPT".to_vec();
+    opt.extend_from_slice(&7u32.to_be_bytes());
+    opt.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    opt.extend_from_slice(&data);
+    s.write_all(&opt).unwrap();
+    loop {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).unwrap();
+        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let mut d = vec![0u8; u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize];
+        s.read_exact(&mut d).unwrap();
+        assert!(kind & 0x8000_0000 == 0, "GO failed: {kind:#x}");
+        if kind == 1 {
+            return s;
+        }
+    }
+}
+
+/// An out-of-band byte in the middle of a write's payload on a Unix socket
+/// is data like any other. (It used to be counted by FIONREAD but never
+/// read, so the host waited for it while the memory backend held the pages
+/// of the write locked: another client's read of them hung.)
+#[test]
+fn an_out_of_band_byte_is_data_and_never_holds_the_pages_locked() {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    let ex = Exports::new();
+    ex.snippet("mem", "[[layer]]\nplugin = \"memory\"\nsize = \"16M\"\n");
+    let sock = ex.path("nbd.sock");
+    let srv = Server::start(&ex, &["--unix", sock.to_str().unwrap()]);
+    let mut a = unix_go(&sock, "mem");
+    let len = 256usize << 10;
+    let mut head = 0x2560_9513u32.to_be_bytes().to_vec();
+    head.extend_from_slice(&[0, 0, 0, 1]); // flags, WRITE
+    head.extend_from_slice(&1u64.to_be_bytes());
+    head.extend_from_slice(&0u64.to_be_bytes());
+    head.extend_from_slice(&(len as u32).to_be_bytes());
+    a.write_all(&head).unwrap();
+    a.write_all(&vec![0xaa; 100_000]).unwrap();
+    // SAFETY: send(2) of one valid byte on an open socket.
+    let sent = unsafe { libc::send(a.as_raw_fd(), b"\xbb".as_ptr().cast(), 1, libc::MSG_OOB) };
+    assert_eq!(sent, 1, "send MSG_OOB");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Another client reads the first pages meanwhile: answered at once.
+    let mut b = Raw::fixed(&srv.addr);
+    b.go("mem");
+    b.request(0, 0, 2, 0, 4096, &[]);
+    assert_eq!(b.simple_reply(), (0, 2), "the read of pages a write is arriving into");
+    b.try_read(4096).unwrap();
+    // The rest of the payload: the out-of-band byte was its 100001st.
+    a.write_all(&vec![0xcc; len - 100_001]).unwrap();
+    let mut reply = [0u8; 16];
+    a.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply[4..8], &[0, 0, 0, 0], "the write succeeded");
+    b.request(0, 0, 3, 99_999, 3, &[]);
+    assert_eq!(b.simple_reply(), (0, 3));
+    assert_eq!(b.try_read(3).unwrap(), [0xaa, 0xbb, 0xcc]);
 }
 
 /// ABI 1.1 lending, through the `faulty` plugin's modes (reads of 64 KiB

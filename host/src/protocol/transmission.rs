@@ -714,20 +714,25 @@ impl<'a, W: Write + Send> Conn<'a, W> {
         out: &mut OutBuf,
     ) -> io::Result<()> {
         let fua = req.flags & CMD_FLAG_FUA != 0;
-        // The whole write is checked before any part of it is written.
+        // The whole write is checked before any part of it is written, and
+        // every part but the last is a whole number of minimum blocks (the
+        // layer is promised aligned calls).
         let mut failed = self.check(req).and_then(|()| self.layer.check_write(len as u64, req.offset)).err();
+        let block = (self.layer.caps().block_size.minimum as usize).max(1);
+        let part_min = LEND_WRITE_MIN.max(block);
         let (mut done, mut waited, mut slept) = (0, false, false);
         while done < len {
             let want = len - done;
             let here = reader.buffer().len() + reader.get_mut().available()?;
-            if here < want.min(LEND_WRITE_MIN) {
+            if here < want.min(part_min) {
                 if !waited {
                     reader.get_mut().wait_for_input()?;
                     waited = true;
                 } else if reader.fill_more()? == 0 {
                     // Woken and still short: take what came into the read
                     // buffer (so this never spins), or the stream ended.
-                    // (A full buffer holds more than LEND_WRITE_MIN.)
+                    // (A full buffer holds more than `part_min`, at most
+                    // 64 KiB.)
                     return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the client closed the connection"));
                 } else {
                     waited = false;
@@ -735,37 +740,44 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                 continue;
             }
             waited = false;
-            let n = want.min(here);
+            let n = if here >= want { want } else { here - here % block };
             if failed.is_some() {
                 reader.skip(n)?;
                 done += n;
                 continue;
             }
-            let (mut filled, mut broken) = (false, None);
+            let (mut taken, mut short, mut broken) = (0, false, None);
             let start = self.start_measuring();
-            let r = self.layer.write_lend(n as u64, req.offset + done as u64, fua, &mut |pieces| match reader
-                .read_exact_pieces(pieces)
-            {
-                Ok(()) => {
-                    filled = true;
-                    Ok(())
-                }
-                Err(e) => {
-                    broken = Some(e);
-                    Err(libc::EIO)
+            let last = done + n == len;
+            let r = self.layer.write_lend(n as u64, req.offset + done as u64, fua, last, &mut |pieces| {
+                // Only what is here: the layer holds its locks meanwhile.
+                match reader.read_pieces_now(pieces, &mut taken) {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        short = true;
+                        Err(libc::EIO)
+                    }
+                    Err(e) => {
+                        broken = Some(e);
+                        Err(libc::EIO)
+                    }
                 }
             });
             slept |= start.is_some_and(|before| voluntary_switches() > before);
             if let Some(e) = broken {
                 return Err(e);
             }
-            if !filled {
-                // The layer failed (or lent the wrong pieces) before any
-                // of this part was read.
-                reader.skip(n)?;
-            }
+            // The rest of this part, if the layer failed (or lent the wrong
+            // pieces) before it was read, or less was here than counted;
+            // read now that the layer has let go.
+            reader.skip(n - taken)?;
             done += n;
-            if let Err(e) = r {
+            if short {
+                failed = Some(OpError::new(NbdErrno::Io, format!(
+                    "WRITE: {} of {n} bytes counted as received were not there (is the client sending out-of-band data?)",
+                    n - taken
+                )));
+            } else if let Err(e) = r {
                 failed = Some(e);
             }
         }
