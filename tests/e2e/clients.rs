@@ -224,6 +224,8 @@ fn nbdcopy_writes_land_in_lent_memory_over_tcp_and_unix() {
     mem_and_file(&ex, "16M");
     let sock = ex.path("nbd.sock");
     let srv = Server::start(&ex, &["--unix", sock.to_str().unwrap(), "--log-level", "trace"]);
+    // Start waits for the TCP listener; the Unix one is bound after it.
+    assert!(srv.wait_for_log("listening on unix"), "{}", srv.log());
     let data = random_bytes(16 * MIB, 0x1e7d);
     let src = ex.path("src.img");
     std::fs::write(&src, &data).unwrap();

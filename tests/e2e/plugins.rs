@@ -384,6 +384,8 @@ fn an_out_of_band_byte_is_data_and_never_holds_the_pages_locked() {
     ex.snippet("mem", "[[layer]]\nplugin = \"memory\"\nsize = \"16M\"\n");
     let sock = ex.path("nbd.sock");
     let srv = Server::start(&ex, &["--unix", sock.to_str().unwrap()]);
+    // Start waits for the TCP listener; the Unix one is bound after it.
+    assert!(srv.wait_for_log("listening on unix"), "{}", srv.log());
     let mut a = unix_go(&sock, "mem");
     let len = 256usize << 10;
     let mut head = 0x2560_9513u32.to_be_bytes().to_vec();
