@@ -582,6 +582,14 @@ impl TlsReader {
         }
     }
 
+    /// One read of the socket into our ciphertext buffer, which must have
+    /// been fed to rustls whole (it is overwritten). May block.
+    fn read_socket(&mut self) -> io::Result<()> {
+        let n = self.sock.read(&mut self.buf)?;
+        (self.start, self.end, self.eof) = (0, n, n == 0);
+        Ok(())
+    }
+
     /// Keep `e` for the next read, which then reports it at once.
     fn fail(&mut self, e: io::Error) -> bool {
         self.failed = Some(e);
@@ -614,11 +622,8 @@ impl PendingInput for TlsReader {
             return false;
         }
         // The socket has bytes (or its end): this read does not block.
-        match self.sock.read(&mut self.buf) {
-            Ok(n) => {
-                (self.start, self.end, self.eof) = (0, n, n == 0);
-                self.holds_input()
-            }
+        match self.read_socket() {
+            Ok(()) => self.holds_input(),
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => false,
             Err(e) => self.fail(e),
         }
@@ -638,11 +643,10 @@ impl PendingInput for TlsReader {
                 // Fed and yet nothing came out: leave it to a read.
                 return Ok(());
             }
-            let n = match self.sock.read(&mut self.buf) {
+            match self.read_socket() {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 r => r?,
-            };
-            (self.start, self.end, self.eof) = (0, n, n == 0);
+            }
         }
         Ok(())
     }
@@ -703,10 +707,7 @@ impl Read for TlsReader {
             // the socket.
             if !self.feed()? {
                 // The socket read happens without any lock held.
-                let n = self.sock.read(&mut self.buf)?;
-                self.start = 0;
-                self.end = n;
-                self.eof = n == 0;
+                self.read_socket()?;
             }
         }
     }

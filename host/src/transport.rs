@@ -182,7 +182,8 @@ impl<R: Read> RequestReader<R> {
     }
 }
 
-fn eof() -> io::Error {
+/// The error for a client that closed its end in the middle of a request.
+pub fn eof() -> io::Error {
     io::Error::new(io::ErrorKind::UnexpectedEof, "the client closed the connection")
 }
 
@@ -346,9 +347,7 @@ impl PendingInput for SocketReader {
         Ok(r?.bytes)
     }
     fn wait_for_input(&mut self) -> io::Result<()> {
-        use rustix::event::{poll, PollFd, PollFlags};
-        let mut fds = [PollFd::new(&self.sock, PollFlags::IN)];
-        match poll(&mut fds, None) {
+        match self.sock.poll_readable(None) {
             // Errors and hang-ups are for the next read to report.
             Ok(_) | Err(rustix::io::Errno::INTR) => Ok(()),
             Err(e) => Err(e.into()),
@@ -391,14 +390,20 @@ impl Stream {
 
     /// Wait up to `timeout` for [`Stream::readable_now`] to become true.
     pub fn readable_within(&self, timeout: Duration) -> bool {
-        use rustix::event::{poll, PollFd, PollFlags, Timespec};
-        let mut fds = [PollFd::new(self, PollFlags::IN)];
-        let t = Timespec { tv_sec: timeout.as_secs() as _, tv_nsec: timeout.subsec_nanos() as _ };
-        match poll(&mut fds, Some(&t)) {
+        match self.poll_readable(Some(timeout)) {
             Ok(n) => n > 0,
             // Let the real read report any error.
             Err(e) => e != rustix::io::Errno::INTR,
         }
+    }
+
+    /// `poll` for input, up to `timeout` (`None`: until it comes); how
+    /// many descriptors are ready (0 or 1).
+    fn poll_readable(&self, timeout: Option<Duration>) -> rustix::io::Result<usize> {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let mut fds = [PollFd::new(self, PollFlags::IN)];
+        let t = timeout.map(|t| Timespec { tv_sec: t.as_secs() as _, tv_nsec: t.subsec_nanos() as _ });
+        poll(&mut fds, t.as_ref())
     }
     /// Send as much of `bufs` (in order) as the socket takes without
     /// blocking; returns how many bytes went. Nothing was sent if the

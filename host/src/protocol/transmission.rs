@@ -733,7 +733,7 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                     // buffer (so this never spins), or the stream ended.
                     // (A full buffer holds more than `part_min`, at most
                     // 64 KiB.)
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the client closed the connection"));
+                    return Err(crate::transport::eof());
                 } else {
                     waited = false;
                 }
