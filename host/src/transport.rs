@@ -424,6 +424,10 @@ impl Stream {
                     }
                 }
                 Err(e) if e == rustix::io::Errno::AGAIN || e == rustix::io::Errno::INTR => break,
+                // What went out before the error is on the wire: report
+                // that, and let the caller find the error again (for lent
+                // memory that cannot be read, EFAULT) on what is left.
+                Err(_) if sent > 0 => break,
                 Err(e) => return Err(e.into()),
             }
         }

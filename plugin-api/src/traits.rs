@@ -178,7 +178,10 @@ pub trait Extents: Connection {
 }
 
 /// Lending data instead of copying it (ABI 1.1): for backends that hold
-/// the data in memory, so the host can send it from there.
+/// the data in memory (or map it), so the host can send it from there. The
+/// host reads lent memory only through the kernel, so a lent page that
+/// faults (a mapped file truncated underneath) fails that read with EIO
+/// instead of the server; still, lend only what is there.
 pub trait LendRead: Connection {
     /// Call `sink` once with slices covering `[offset, offset+count)` in
     /// order, kept valid and unchanged while it runs (hold your locks), and

@@ -453,3 +453,66 @@ fn lent_reads_reach_the_client_and_broken_lending_fails_only_that_read() {
         assert!(srv.alive(), "{mode}: server died\n{}", srv.log());
     }
 }
+
+/// A plugin whose lent pages fault while the host sends them (here a
+/// mapping of a file truncated to nothing) costs that read, and at most
+/// that connection, and nothing else: the host copies lent memory only
+/// through the kernel, so there is no SIGBUS. Whether the kernel's send
+/// stops before the reply's first byte (EIO, the connection goes on) or
+/// after it (the connection must end, its reply cut short) is the kernel's
+/// choice; both are checked for what they must do.
+#[test]
+fn lent_pages_that_fault_fail_that_read_and_the_server_lives() {
+    let dir = build_test_plugin("faulty");
+    let ex = Exports::new();
+    ex.snippet("f", "[[layer]]\nplugin = \"faulty\"\nlend = \"gone\"\n");
+    let mut srv = Server::start(&ex, &["--plugin-dir", dir.to_str().unwrap()]);
+    let mut r = Raw::fixed(&srv.addr);
+    r.go("f");
+    r.request(0, 0, 1, 0, 256 << 10, &[]);
+    match r.try_read(16) {
+        Some(h) => {
+            assert_eq!(&h[..8], &[0x67, 0x44, 0x66, 0x98, 0, 0, 0, 5], "EIO, nothing of the data\n{}", srv.log());
+            assert!(srv.wait_for_log("lent memory that cannot be read"), "{}", srv.log());
+            r.request(0, 0, 2, 0, 4096, &[]);
+            assert_eq!(r.simple_reply(), (0, 2), "the connection goes on");
+            assert_eq!(r.try_read(4096).unwrap(), vec![0u8; 4096]);
+        }
+        None => assert!(srv.wait_for_log("stopped being readable"), "{}", srv.log()),
+    }
+    assert!(srv.alive(), "server died\n{}", srv.log());
+    // Other connections are served as before (4 KiB reads are not lent).
+    let mut b = Raw::fixed(&srv.addr);
+    b.go("f");
+    b.request(0, 0, 3, 0, 4096, &[]);
+    assert_eq!(b.simple_reply(), (0, 3));
+    assert_eq!(b.try_read(4096).unwrap(), vec![0u8; 4096]);
+}
+
+/// `file` lends large reads from a mapping of the file. A file truncated
+/// under the server is not lent past its new end: that read fails with EIO
+/// (what `pread` says of the missing bytes), the connection goes on, and
+/// what is still there is lent and right.
+#[test]
+fn file_lends_reads_and_a_file_truncated_underneath_fails_only_that_read() {
+    let ex = Exports::new();
+    let mib = 1usize << 20;
+    let data = random_bytes(2 * mib, 7);
+    std::fs::write(ex.path("disk.img"), &data).unwrap();
+    ex.snippet("f", "[[layer]]\nplugin = \"file\"\npath = \"disk.img\"\n");
+    let mut srv = Server::start(&ex, &["--log-level", "trace"]);
+    let mut r = Raw::fixed(&srv.addr);
+    r.go("f");
+    r.request(0, 0, 1, mib as u64, mib as u32, &[]);
+    assert_eq!(r.simple_reply(), (0, 1));
+    assert!(r.try_read(mib).unwrap() == data[mib..], "lent data differs");
+    assert!(srv.wait_for_log("f: pread_lend"), "the read was not lent\n{}", srv.log());
+    // Another process shrinks the file.
+    std::fs::OpenOptions::new().write(true).open(ex.path("disk.img")).unwrap().set_len(mib as u64).unwrap();
+    r.request(0, 0, 2, mib as u64, mib as u32, &[]);
+    assert_eq!(r.simple_reply(), (5, 2), "a read past the new end is EIO\n{}", srv.log());
+    r.request(0, 0, 3, 0, mib as u32, &[]);
+    assert_eq!(r.simple_reply(), (0, 3), "{}", srv.log());
+    assert!(r.try_read(mib).unwrap() == data[..mib], "data before the new end differs");
+    assert!(srv.alive(), "server died\n{}", srv.log());
+}

@@ -6,12 +6,16 @@
 //! * trim punches a hole, zero uses `fallocate` (ZERO_RANGE, or PUNCH_HOLE
 //!   when the client allows holes), falling back to written zeros where the
 //!   filesystem cannot;
-//! * extents come from `SEEK_DATA`/`SEEK_HOLE`, so sparse files show holes.
+//! * extents come from `SEEK_DATA`/`SEEK_HOLE`, so sparse files show holes;
+//! * large reads of regular files are lent (ABI 1.1) from a read-only shared
+//!   mapping of the file, so the host sends them from the page cache without
+//!   copying them into a buffer first (see [`Segment::lendable`] for what
+//!   keeps a file that shrinks from faulting).
 
 use nbdhost_plugin_api::abi::{EXTENT_HOLE, EXTENT_ZERO};
 use nbdhost_plugin_api::{
-    export_backend, host, param, Backend, Cache, Connection, Error, ExtentList, Extents, Flags, Flush, OpenContext,
-    ParamKind, Params, Pwrite, Result, Support, Trim, Zero,
+    export_backend, host, param, Backend, Cache, Connection, Error, ExtentList, Extents, Flags, Flush, LendRead,
+    OpenContext, ParamKind, Params, Pwrite, Result, Support, Trim, Zero,
 };
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
@@ -69,6 +73,44 @@ struct Segment {
     file: OpenFile,
     start: u64,
     size: u64,
+    /// The file mapped read-only as it was at start (regular files opened
+    /// without O_DIRECT, not empty), for lent reads.
+    map: Option<memmap2::Mmap>,
+}
+
+impl Segment {
+    fn map(file: &OpenFile, size: u64, direct: bool) -> Option<memmap2::Mmap> {
+        if file.is_block_device || direct || size == 0 {
+            return None;
+        }
+        // SAFETY: a shared read-only mapping of a file we keep open for the
+        // mapping's lifetime. Its bytes can change under us (our own writes,
+        // or other processes), which is fine for bytes we only hand to the
+        // kernel to send; a file that shrinks would make loads past its new
+        // end fault, so `lendable` lends only ranges the file still covers
+        // and the host copies lent bytes only through the kernel, which
+        // turns a late truncation into EFAULT for that read instead of a
+        // SIGBUS.
+        match unsafe { memmap2::MmapOptions::new().len(size as usize).map(&file.file) } {
+            Ok(m) => Some(m),
+            Err(e) => {
+                host::warn(&format!("{}: cannot map it for lent reads ({e}); reads are copied", file.path.display()));
+                None
+            }
+        }
+    }
+
+    /// The mapped bytes `[o, o+l)` of this file, if the mapping covers them
+    /// and the file still does (a file truncated since start is read with
+    /// `pread`, which reports the short file as an error).
+    fn lendable(&self, o: u64, l: u64) -> Option<&[u8]> {
+        let map = self.map.as_ref()?;
+        let end = o.checked_add(l)?;
+        if end > map.len() as u64 || self.file.size().ok()? < end {
+            return None;
+        }
+        Some(&map[o as usize..end as usize])
+    }
 }
 
 /// The files of an export laid end to end (one file in the usual case).
@@ -200,7 +242,8 @@ impl Backend for FileBackend {
         for p in &paths {
             let file = open_one(p, direct)?;
             let size = file.size()?;
-            segs.push(Segment { file, start, size });
+            let map = Segment::map(&file, size, direct);
+            segs.push(Segment { file, start, size, map });
             start += size;
         }
         let writable = segs.iter().all(|s| s.file.writable);
@@ -246,6 +289,28 @@ impl Connection for FileHandle {
     }
     fn can_extents(&self) -> Result<bool> {
         Ok(self.files.segs.iter().all(|s| !s.file.is_block_device))
+    }
+}
+
+impl LendRead for FileHandle {
+    fn pread_lend(
+        &self,
+        count: u64,
+        offset: u64,
+        flags: Flags,
+        sink: &mut dyn FnMut(&[&[u8]]) -> Result<()>,
+    ) -> Result<()> {
+        let pieces: Option<Vec<&[u8]>> = self.files.split(offset, count).map(|(s, o, l, _)| s.lendable(o, l)).collect();
+        match pieces {
+            Some(pieces) => sink(&pieces),
+            None => {
+                // Not mapped (grown, shrunk, block device): read a copy and
+                // lend that, so the host needs no second path.
+                let mut buf = vec![0u8; count as usize];
+                self.pread(&mut buf, offset, flags)?;
+                sink(&[&buf])
+            }
+        }
     }
 }
 

@@ -10,7 +10,9 @@
 //! * `lend` (ABI 1.1 `pread_lend`, which the host uses for reads of 64 KiB
 //!   or more): `copy` (default: lends a copy made by `pread`, so every rule
 //!   above holds), `good` (lends its memory), `short` (lends one byte too
-//!   few), `panic` (panics before lending), `twice` (calls the sink again).
+//!   few), `panic` (panics before lending), `twice` (calls the sink again),
+//!   `gone` (lends a mapping of a file truncated to nothing, whose pages
+//!   fault: a host that loads them itself dies of SIGBUS).
 //! * `lend_write` (ABI 1.2 `pwrite_lend`, which the host uses for writes of
 //!   16 KiB or more still arriving): `copy` (default: lends a scratch
 //!   buffer, then `pwrite`s it), `good` (lends its memory, in two pieces),
@@ -57,7 +59,7 @@ impl Backend for Faulty {
         param(c"delay_ms", ParamKind::Int, false, Some(c"1500"), c"how slow, in milliseconds"),
         param(c"min_block", ParamKind::Size, false, Some(c"0"), c"minimum block size to declare (0: none)"),
         param(c"max_block", ParamKind::Size, false, Some(c"0"), c"maximum payload to declare (0: default)"),
-        param(c"lend", ParamKind::String, false, Some(c"copy"), c"pread_lend: copy, good, short, panic, twice"),
+        param(c"lend", ParamKind::String, false, Some(c"copy"), c"pread_lend: copy, good, short, panic, twice, gone"),
         param(
             c"lend_write",
             ParamKind::String,
@@ -140,6 +142,26 @@ impl LendRead for FaultyHandle {
             "twice" => {
                 sink(&[a, b])?;
                 sink(&[a, b])
+            }
+            "gone" => {
+                drop(d);
+                let path = std::env::temp_dir().join(format!("faulty-gone-{}-{offset}", std::process::id()));
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&path)
+                    .map_err(|e| Error::from_io(path.display(), &e))?;
+                let _ = std::fs::remove_file(&path);
+                file.set_len(count).map_err(|e| Error::from_io("set_len", &e))?;
+                // SAFETY: a shared read-only mapping of a file this call
+                // owns; its pages are made to fault on purpose below, and
+                // this plugin never reads them itself.
+                let map = unsafe { memmap2::MmapOptions::new().len(count as usize).map(&file) }
+                    .map_err(|e| Error::from_io("mmap", &e))?;
+                file.set_len(0).map_err(|e| Error::from_io("truncate", &e))?;
+                sink(&[&map[..]])
             }
             other => Err(Error::invalid(format!("unknown lend mode {other}"))),
         }
