@@ -1383,6 +1383,8 @@ impl<'a, W: Write + Send> Conn<'a, W> {
         // The lent memory could not be read (EFAULT): nothing of this run
         // went out if `sent` is false, else it was cut short.
         let mut unreadable = false;
+        // Bytes of `out` and the run that the socket took.
+        let mut took = 0usize;
         let r = {
             let head = out.bytes();
             self.layer.read_lend(len as u64, offset, &mut |pieces: &[&[u8]]| {
@@ -1395,6 +1397,7 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                 match sock.send_nonblocking(&all) {
                     Ok(n) => {
                         sent = true;
+                        took = n;
                         if !copy_unsent(&all, n, &mut rest) {
                             unreadable = true;
                             return Err(libc::EFAULT);
@@ -1419,6 +1422,20 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                 return Err(OpError::new(NbdErrno::Io, "READ: the layer lent memory that cannot be read"));
             }
             return r.and(Err(OpError::new(NbdErrno::Io, "READ: the layer lent nothing")));
+        }
+        if unreadable && took <= mark.0 {
+            // Only held replies (or part of them) left: this run's chunk
+            // has not begun, so it can still fail on its own. Send the rest
+            // of the held replies, and let the caller report the error.
+            rest.truncate(mark.0 - took);
+            out.clear();
+            let finished = w.write_all(&rest).and_then(|()| w.flush());
+            rest.clear();
+            if let Err(e) = finished {
+                log::debug!("{}: writing a reply failed: {e}", self.peer);
+                let _ = sock.shutdown(std::net::Shutdown::Both);
+            }
+            return Err(OpError::new(NbdErrno::Io, "READ: the layer lent memory that cannot be read"));
         }
         if unreadable {
             log::warn!(

@@ -100,8 +100,8 @@ impl Segment {
         }
     }
 
-    /// The mapped bytes `[o, o+l)` of this file, if the mapping covers them
-    /// and the file still does (a file truncated since start is read with
+    /// The mapped bytes `[o, o+l)` of this file, if it is mapped and the
+    /// file still covers them (a file truncated since start is read with
     /// `pread`, which reports the short file as an error).
     fn lendable(&self, o: u64, l: u64) -> Option<&[u8]> {
         let map = self.map.as_ref()?;
@@ -304,11 +304,21 @@ impl LendRead for FileHandle {
         match pieces {
             Some(pieces) => sink(&pieces),
             None => {
-                // Not mapped (grown, shrunk, block device): read a copy and
-                // lend that, so the host needs no second path.
-                let mut buf = vec![0u8; count as usize];
-                self.pread(&mut buf, offset, flags)?;
-                sink(&[&buf])
+                // Not mapped (block device, O_DIRECT) or shrunk: read into
+                // this thread's scratch buffer and lend that, which costs
+                // what the host's own read into its reply buffer would.
+                thread_local! {
+                    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+                }
+                SCRATCH.with(|scratch| {
+                    let mut buf = scratch.borrow_mut();
+                    if buf.len() < count as usize {
+                        buf.resize(count as usize, 0);
+                    }
+                    let buf = &mut buf[..count as usize];
+                    self.pread(buf, offset, flags)?;
+                    sink(&[buf])
+                })
             }
         }
     }
