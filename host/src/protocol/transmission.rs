@@ -1378,13 +1378,12 @@ impl<'a, W: Write + Send> Conn<'a, W> {
         // Under the reply lock, so no other thread of the connection uses it.
         let mut rest = self.spill.lock().unwrap_or_else(|e| e.into_inner());
         rest.clear();
-        let mut sent = false;
         let mut broken: Option<io::Error> = None;
-        // The lent memory could not be read (EFAULT): nothing of this run
-        // went out if `sent` is false, else it was cut short.
+        // The lent memory could not be read (EFAULT).
         let mut unreadable = false;
-        // Bytes of `out` and the run that the socket took.
-        let mut took = 0usize;
+        // Bytes of `out` and the run that the socket took; None: no send
+        // went through.
+        let mut took: Option<usize> = None;
         let r = {
             let head = out.bytes();
             self.layer.read_lend(len as u64, offset, &mut |pieces: &[&[u8]]| {
@@ -1396,8 +1395,7 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                 all.extend_from_slice(pieces);
                 match sock.send_nonblocking(&all) {
                     Ok(n) => {
-                        sent = true;
-                        took = n;
+                        took = Some(n);
                         if !copy_unsent(&all, n, &mut rest) {
                             unreadable = true;
                             return Err(libc::EFAULT);
@@ -1416,34 +1414,27 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                 }
             })
         };
-        if !sent && broken.is_none() {
+        let cannot_be_read = || OpError::new(NbdErrno::Io, "READ: the layer lent memory that cannot be read");
+        if took.is_none() && broken.is_none() {
             (out.used, out.replies) = mark;
             if unreadable {
-                return Err(OpError::new(NbdErrno::Io, "READ: the layer lent memory that cannot be read"));
+                return Err(cannot_be_read());
             }
             return r.and(Err(OpError::new(NbdErrno::Io, "READ: the layer lent nothing")));
         }
-        if unreadable && took <= mark.0 {
-            // Only held replies (or part of them) left: this run's chunk
-            // has not begun, so it can still fail on its own. Send the rest
-            // of the held replies, and let the caller report the error.
-            rest.truncate(mark.0 - took);
-            out.clear();
-            let finished = w.write_all(&rest).and_then(|()| w.flush());
-            rest.clear();
-            if let Err(e) = finished {
-                log::debug!("{}: writing a reply failed: {e}", self.peer);
-                let _ = sock.shutdown(std::net::Shutdown::Both);
-            }
-            return Err(OpError::new(NbdErrno::Io, "READ: the layer lent memory that cannot be read"));
-        }
-        if unreadable {
+        // A fault before any byte of this run's chunk left (the socket took
+        // only held replies, or part of them) lets the run fail on its own:
+        // only the rest of the held replies goes out.
+        let fails_alone = unreadable && took.is_some_and(|n| n <= mark.0);
+        if fails_alone {
+            rest.truncate(mark.0 - took.unwrap_or(0));
+        } else if unreadable {
             log::warn!(
                 "{}: READ {offset}+{len}: the layer's lent memory stopped being readable while it was sent \
                  (a mapped file truncated?); closing the connection, whose reply cannot be completed",
                 self.peer
             );
-        } else if let (Err(e), true) = (&r, sent) {
+        } else if let (Err(e), Some(_)) = (&r, took) {
             log::warn!("{}: READ {offset}+{len}: the layer failed after lending its data: {e}", self.peer);
         }
         out.clear();
@@ -1458,10 +1449,13 @@ impl<'a, W: Write + Send> Conn<'a, W> {
             // Part of a chunk is on the wire: the stream cannot go on.
             log::debug!("{}: writing a reply failed: {e}", self.peer);
             let _ = sock.shutdown(std::net::Shutdown::Both);
-        } else if unreadable {
+        } else if unreadable && !fails_alone {
             // Held replies before this run went out whole; this run's chunk
             // is cut short, so the client must see the stream end here.
             let _ = sock.shutdown(std::net::Shutdown::Both);
+        }
+        if fails_alone {
+            return Err(cannot_be_read());
         }
         Ok(())
     }
