@@ -194,7 +194,7 @@ struct Ops {
     zero: Option<RangeFn>,
     extents: Option<ExtentsFn>,
     cache: Option<RangeFn>,
-    /// Backends only (ABI 1.1).
+    /// Backends (ABI 1.1) and filters (ABI 1.3).
     pread_lend: Option<LendFn>,
     /// Backends only (ABI 1.2).
     pwrite_lend: Option<LendMutFn>,
@@ -383,7 +383,7 @@ impl LoadedPlugin {
                     max_children: t.max_children,
                     child_readonly: t.child_readonly != 0,
                 };
-                (kind, ops_from!(t), common)
+                (kind, Ops { pread_lend: t.pread_lend, ..ops_from!(t) }, common)
             }
             other => {
                 return Err(LoadError(format!(
@@ -619,7 +619,7 @@ pub struct Provided {
     pub extents: bool,
     /// `cache`
     pub cache: bool,
-    /// `pread_lend` (backends, ABI 1.1)
+    /// `pread_lend` (backends ABI 1.1, filters ABI 1.3)
     pub pread_lend: bool,
     /// `pwrite_lend` (backends, ABI 1.2)
     pub pwrite_lend: bool,
@@ -872,6 +872,9 @@ pub trait NextTarget: Send + Sync {
     fn extents(&self, count: u64, offset: u64, flags: u32) -> Result<Vec<(u64, u32)>, PluginError>;
     /// Cache.
     fn cache(&self, count: u64, offset: u64, flags: u32) -> Result<(), PluginError>;
+    /// Lend `[offset, offset+count)` to `sink` (once, pieces in order);
+    /// where the layer cannot lend, read into a buffer and lend that.
+    fn pread_lend(&self, count: u64, offset: u64, flags: u32, sink: &mut LendReceiver<'_>) -> Result<(), PluginError>;
 }
 
 /// A [`NextOps`] table for one child of a filter, pointing at its target.
@@ -899,6 +902,7 @@ impl NextTable {
             zero: next_zero,
             extents: next_extents,
             cache: next_cache,
+            pread_lend: Some(next_pread_lend),
         });
         NextTable { ops, _target: target }
     }
@@ -1003,6 +1007,45 @@ unsafe extern "C" fn next_extents(ctx: *mut c_void, count: u64, offset: u64, fla
         }
         Ok(())
     })
+}
+
+unsafe extern "C" fn next_pread_lend(
+    ctx: *mut c_void,
+    count: u64,
+    offset: u64,
+    flags: u32,
+    sink: abi::LendSink,
+    sink_ctx: *mut c_void,
+) -> i32 {
+    let mut calls = 0u32;
+    let mut failed = None;
+    let rc = next_call(ctx, |t| {
+        t.pread_lend(count, offset, flags, &mut |pieces: &[&[u8]]| {
+            calls += 1;
+            let raw: Vec<abi::LendPiece> =
+                pieces.iter().map(|p| abi::LendPiece { data: p.as_ptr(), len: p.len() as u64 }).collect();
+            // SAFETY: the filter's sink with its own context, given pieces
+            // that stay valid and unchanged for the call (the layer below
+            // keeps them so until this closure returns).
+            match unsafe { sink(sink_ctx, raw.as_ptr(), raw.len()) } {
+                0 => Ok(()),
+                errno => {
+                    failed = Some(errno.max(1));
+                    Err(errno.max(1))
+                }
+            }
+        })
+    });
+    // What the filter's sink returned goes back to it unchanged (the
+    // filter knows why it failed; our message would only say "below").
+    match failed {
+        Some(errno) => errno,
+        None if rc == 0 && calls != 1 => {
+            LAST_ERROR.with(|m| *m.borrow_mut() = Some(format!("the layer below lent {calls} times instead of once")));
+            libc::EIO
+        }
+        None => rc,
+    }
 }
 
 struct LendCtx<'a> {

@@ -291,6 +291,15 @@ impl Layer for FilterLayer {
             p.extents |= caps.extents;
             p.cache |= caps.cache != Support::None;
         }
+        // A filter lends only what the layers below it lend: its own
+        // `pread_lend` where every child lends, or theirs where it reads
+        // nothing itself.
+        p.pread_lend = if self.own.pread_lend {
+            self.children.iter().all(|c| c.caps().lend)
+        } else {
+            !self.own.pread && self.through().is_some_and(|c| c.caps().lend)
+        };
+        p.pwrite_lend = false;
         p
     }
     fn get_size(&self) -> Result<u64, PluginError> {
@@ -316,6 +325,12 @@ impl Layer for FilterLayer {
         match self.through() {
             Some(c) if !self.own.pread => c.read(buf, offset).map_err(below),
             _ => self.handle.pread(buf, offset, flags),
+        }
+    }
+    fn pread_lend(&self, count: u64, offset: u64, flags: u32, sink: &mut LendReceiver<'_>) -> Result<(), PluginError> {
+        match self.through() {
+            Some(c) if !self.own.pread && !self.own.pread_lend => c.read_lend(count, offset, sink).map_err(below),
+            _ => self.handle.pread_lend(count, offset, flags, sink),
         }
     }
     fn pwrite(&self, buf: &[u8], offset: u64, flags: u32) -> Result<(), PluginError> {
@@ -451,7 +466,44 @@ impl NextTarget for CheckedLayer {
     fn cache(&self, count: u64, offset: u64, _flags: u32) -> Result<(), PluginError> {
         CheckedLayer::cache(self, count, offset).map_err(below)
     }
+    /// Lends what this layer lends; reads the rest into a buffer of this
+    /// thread's and lends that, so a filter can always ask.
+    fn pread_lend(&self, count: u64, offset: u64, _flags: u32, sink: &mut LendReceiver<'_>) -> Result<(), PluginError> {
+        let refused = |errno: i32| PluginError { errno, message: format!("{}: lent data refused", self.name) };
+        if self.caps.lend {
+            return self.read_lend(count, offset, sink).map_err(below);
+        }
+        self.readable(count, offset).map_err(below)?;
+        let len = count as usize;
+        let mut read_and_lend = |buf: &mut Vec<u8>| -> Result<(), PluginError> {
+            if buf.len() < len {
+                buf.resize(len, 0);
+            }
+            self.read(&mut buf[..len], offset).map_err(below)?;
+            sink(&[&buf[..len]]).map_err(refused)
+        };
+        LEND_SCRATCH.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut buf) => {
+                let r = read_and_lend(&mut buf);
+                if buf.capacity() > LEND_SCRATCH_KEEP {
+                    *buf = Vec::new();
+                }
+                r
+            }
+            // Lending nested in lending on this thread (a filter that lends
+            // from two places below): a buffer of its own.
+            Err(_) => read_and_lend(&mut Vec::new()),
+        })
+    }
 }
+
+thread_local! {
+    /// Where [`NextTarget::pread_lend`] reads what a layer cannot lend.
+    static LEND_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Largest scratch buffer kept for the next lend (bigger ones are freed).
+const LEND_SCRATCH_KEEP: usize = 4 << 20;
 
 /// Fill defaults into declared block sizes and check the spec's rules.
 pub fn normalise_block_size(declared: Option<BlockSize>) -> Result<BlockSize, String> {
@@ -626,6 +678,10 @@ impl CheckedLayer {
     /// (only if [`Capabilities::lend`]); the same checks as [`Self::read`].
     pub fn read_lend(&self, len: u64, offset: u64, sink: &mut LendReceiver<'_>) -> Result<(), OpError> {
         self.readable(len, offset)?;
+        if len == 0 {
+            return sink(&[])
+                .map_err(|errno| OpError::from(PluginError { errno, message: "lent data refused".into() }));
+        }
         let _g = self.lock.enter();
         log::trace!("{}: pread_lend {}+{}", self.name, offset, len);
         self.inner.pread_lend(len, offset, 0, sink).map_err(Into::into)
@@ -816,6 +872,106 @@ impl CheckedLayer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A read-only layer whose byte at `i` is `i % 251`, lending or not.
+    struct Counting {
+        lends: bool,
+    }
+
+    impl Layer for Counting {
+        fn name(&self) -> &str {
+            "counting"
+        }
+        fn provided(&self) -> Provided {
+            Provided { get_size: true, pread: true, pread_lend: self.lends, ..Provided::default() }
+        }
+        fn get_size(&self) -> Result<u64, PluginError> {
+            Ok(1 << 20)
+        }
+        fn block_size(&self) -> Result<Option<BlockSize>, PluginError> {
+            Ok(None)
+        }
+        fn can(&self, _which: u32) -> Result<Option<u32>, PluginError> {
+            Ok(None)
+        }
+        fn pread(&self, buf: &mut [u8], offset: u64, _flags: u32) -> Result<(), PluginError> {
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = ((offset + i as u64) % 251) as u8;
+            }
+            Ok(())
+        }
+        fn pread_lend(
+            &self,
+            count: u64,
+            offset: u64,
+            flags: u32,
+            sink: &mut LendReceiver<'_>,
+        ) -> Result<(), PluginError> {
+            // Two pieces, to show they arrive in order.
+            let mut buf = vec![0u8; count as usize];
+            self.pread(&mut buf, offset, flags)?;
+            let (a, b) = buf.split_at(count as usize / 3);
+            sink(&[a, b]).map_err(|errno| PluginError { errno, message: "refused".into() })
+        }
+        fn pwrite(&self, _: &[u8], _: u64, _: u32) -> Result<(), PluginError> {
+            unreachable!("read-only")
+        }
+        fn flush(&self, _: u32) -> Result<(), PluginError> {
+            unreachable!("no flush")
+        }
+        fn trim(&self, _: u64, _: u64, _: u32) -> Result<(), PluginError> {
+            unreachable!("read-only")
+        }
+        fn zero(&self, _: u64, _: u64, _: u32) -> Result<(), PluginError> {
+            unreachable!("read-only")
+        }
+        fn cache(&self, _: u64, _: u64, _: u32) -> Result<(), PluginError> {
+            unreachable!("no cache")
+        }
+        fn extents(
+            &self,
+            _: u64,
+            _: u64,
+            _: u32,
+            _: &mut dyn FnMut(u64, u64, u32) -> Result<(), i32>,
+        ) -> Result<(), PluginError> {
+            unreachable!("no extents")
+        }
+    }
+
+    /// What a filter gets from `NextOps::pread_lend`: the lender's pieces
+    /// where it lends, a buffer read for it where it does not, the same
+    /// bytes either way; checks first, and the sink's errno passed back.
+    #[test]
+    fn a_filter_can_always_ask_the_layer_below_to_lend() {
+        for lends in [true, false] {
+            let layer = CheckedLayer::new(Box::new(Counting { lends }), true, RequestLock::none(), "below").unwrap();
+            assert_eq!(layer.caps().lend, lends);
+            let (count, offset) = (300_000u64, 4242u64);
+            let mut got: Vec<u8> = Vec::new();
+            let mut pieces = 0;
+            NextTarget::pread_lend(&layer, count, offset, 0, &mut |p: &[&[u8]]| {
+                pieces = p.len();
+                p.iter().for_each(|p| got.extend_from_slice(p));
+                Ok(())
+            })
+            .unwrap();
+            let mut want = vec![0u8; count as usize];
+            Counting { lends }.pread(&mut want, offset, 0).unwrap();
+            assert!(got == want, "lends={lends}: wrong bytes");
+            assert_eq!(pieces, if lends { 2 } else { 1 });
+            // Past the end: refused before anything is read or lent.
+            let e = NextTarget::pread_lend(&layer, 4096, (1 << 20) - 100, 0, &mut |_: &[&[u8]]| {
+                panic!("lent past the end")
+            })
+            .unwrap_err();
+            assert_eq!(e.errno, libc::EINVAL);
+            // The sink's error comes back (as an NBD errno: the ABI
+            // trampoline hands a filter its own errno back unchanged).
+            let e = NextTarget::pread_lend(&layer, 65536, 0, 0, &mut |_: &[&[u8]]| Err(libc::ENOSPC)).unwrap_err();
+            assert_eq!(e.errno, libc::ENOSPC, "lends={lends}");
+        }
+    }
 
     #[test]
     fn block_size_defaults_and_rules() {

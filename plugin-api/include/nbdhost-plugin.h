@@ -58,7 +58,7 @@ extern "C" {
 /** Major version: bumped only for incompatible changes. */
 #define NBDHOST_ABI_MAJOR 1
 /** Minor version: bumped when fields are appended to a table. */
-#define NBDHOST_ABI_MINOR 2
+#define NBDHOST_ABI_MINOR 3
 
 /** Name of the single symbol a plugin exports. */
 #define NBDHOST_ENTRY_POINT "nbdhost_plugin_entry"
@@ -387,9 +387,10 @@ struct nbdhost_plugin_table {
 /**
  * The layer below a filter, as the host offers it (one per child, given to
  * the filter's open and valid until its close returns). Every call goes
- * through the host's checks for that layer, and every callback is present
- * (never NULL) in ABI 1.0. On failure the host has recorded a message
- * (host->last_error), so returning the errno unchanged passes it on.
+ * through the host's checks for that layer, and every callback up to cache
+ * is present (never NULL); pread_lend exists from ABI 1.3 on. On failure
+ * the host has recorded a message (host->last_error), so returning the
+ * errno unchanged passes it on.
  */
 struct nbdhost_next_ops {
   /** sizeof(struct nbdhost_next_ops) as the host compiled it. */
@@ -416,10 +417,20 @@ struct nbdhost_next_ops {
   int (*extents) (void *ctx, uint64_t count, uint64_t offset, uint32_t flags, struct nbdhost_extent_sink *sink);
   /** Cache. */
   int (*cache) (void *ctx, uint64_t count, uint64_t offset, uint32_t flags);
+
+  /* ---- ABI 1.3 (check struct_size: a 1.2 host's table ends above) ---- */
+
+  /** Lend [offset, offset+count) of the layer below: the host calls
+   * sink(sink_ctx, pieces, n) exactly once with pieces covering the range
+   * in order, valid and unchanged while it runs, and returns what it
+   * returned (or an errno without calling it). Where the layer below does
+   * not lend, the host reads into a buffer of its own and lends that. */
+  int (*pread_lend) (void *ctx, uint64_t count, uint64_t offset, uint32_t flags,
+                     nbdhost_lend_sink sink, void *sink_ctx);
 };
 
 /**
- * The table a filter's entry point returns (ABI 1.0 layout). The first
+ * The table a filter's entry point returns (ABI 1.3 layout). The first
  * ten fields match struct nbdhost_plugin_table. create and open are
  * required; a NULL callback passes the call through unchanged to the only
  * child (a filter with several children must implement what it supports).
@@ -485,6 +496,17 @@ struct nbdhost_filter_table {
   int (*extents) (nbdhost_handle h, uint64_t count, uint64_t offset, uint32_t flags,
                   struct nbdhost_extent_sink *sink);
   int (*cache) (nbdhost_handle h, uint64_t count, uint64_t offset, uint32_t flags);
+
+  /* ---- ABI 1.3 ---- */
+
+  /** Optional: as pread_lend in struct nbdhost_plugin_table, typically by
+   * passing lending on to the layer below with next_ops->pread_lend
+   * (shifting or narrowing the range) and adding pieces of the filter's
+   * own memory where it holds the data. The host calls it only where every
+   * layer below lends too; NULL: the host calls pread (or, without pread
+   * either, lends from the layer below directly). */
+  int (*pread_lend) (nbdhost_handle h, uint64_t count, uint64_t offset, uint32_t flags,
+                     nbdhost_lend_sink sink, void *ctx);
 };
 
 /* ------------------------------------------------------------ the entry point */

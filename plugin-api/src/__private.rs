@@ -32,7 +32,8 @@ type PwriteFn = unsafe extern "C" fn(Handle, *const u8, u64, u64, u32) -> i32;
 type FlushFn = unsafe extern "C" fn(Handle, u32) -> i32;
 type RangeFn = unsafe extern "C" fn(Handle, u64, u64, u32) -> i32;
 type ExtentsFn = unsafe extern "C" fn(Handle, u64, u64, u32, *mut ExtentSink) -> i32;
-type LendFn = unsafe extern "C" fn(Handle, u64, u64, u32, abi::LendSink, *mut std::ffi::c_void) -> i32;
+/// A `pread_lend` callback (backend or filter table).
+pub type LendFn = unsafe extern "C" fn(Handle, u64, u64, u32, abi::LendSink, *mut std::ffi::c_void) -> i32;
 type LendMutFn = unsafe extern "C" fn(Handle, u64, u64, u32, abi::LendSinkMut, *mut std::ffi::c_void) -> i32;
 
 /// The optional callbacks found by probing the handle type.
@@ -107,6 +108,28 @@ pub mod probes {
     probe!(HasCache, NoCache, cache_fn, Cache, RangeFn, shim_cache);
     probe!(HasLendRead, NoLendRead, pread_lend_fn, LendRead, LendFn, shim_pread_lend);
     probe!(HasLendWrite, NoLendWrite, pwrite_lend_fn, LendWrite, LendMutFn, shim_pwrite_lend);
+
+    /// Chosen when a filter's handle implements [`crate::FilterLendRead`].
+    pub trait HasFilterLendRead {
+        /// The callback.
+        fn filter_pread_lend_fn(&self) -> Option<LendFn>;
+    }
+    impl<F: crate::Filter> HasFilterLendRead for Probe<F>
+    where
+        F::Handle: crate::FilterLendRead,
+    {
+        fn filter_pread_lend_fn(&self) -> Option<LendFn> {
+            Some(crate::filter::f_pread_lend::<F>)
+        }
+    }
+    /// Fallback when it does not.
+    pub trait NoFilterLendRead {
+        /// No callback.
+        fn filter_pread_lend_fn(&self) -> Option<LendFn> {
+            None
+        }
+    }
+    impl<F> NoFilterLendRead for &Probe<F> {}
 }
 
 /// Run `f`, turning an `Err` into its errno (with the message handed to the
@@ -337,29 +360,42 @@ unsafe extern "C" fn shim_pread_lend<B: Backend>(
 where
     B::Handle: LendRead,
 {
-    guard("pread_lend", || {
-        let mut called = false;
-        let mut to_host = |pieces: &[&[u8]]| -> crate::Result<()> {
-            if std::mem::replace(&mut called, true) {
-                return Err(Error::io("pread_lend called its sink twice"));
-            }
-            let raw: Vec<abi::LendPiece> =
-                pieces.iter().map(|p| abi::LendPiece { data: p.as_ptr(), len: p.len() as u64 }).collect();
-            // SAFETY: the host's sink with its context, given pieces that
-            // stay valid for the call (they borrow from `pieces`).
-            match unsafe { sink(ctx, raw.as_ptr(), raw.len()) } {
-                0 => Ok(()),
-                // The host knows why; pass its errno back unchanged.
-                errno => Err(Error { errno, message: String::new(), from_below: true }),
-            }
-        };
-        // SAFETY: live handle.
-        let r = unsafe { handle::<B>(h) }.pread_lend(count, offset, Flags(flags), &mut to_host);
-        if r.is_ok() && !called {
-            return Err(Error::io("pread_lend returned without lending anything"));
-        }
-        r
+    // SAFETY: live handle; the host's sink and context, valid for the call.
+    guard("pread_lend", || unsafe {
+        lend_to_host(sink, ctx, |to_host| handle::<B>(h).pread_lend(count, offset, Flags(flags), to_host))
     })
+}
+
+/// Run `lend` with a sink that passes its pieces on to the host's `sink`
+/// (exactly once), for the backend and filter `pread_lend` shims.
+///
+/// # Safety
+/// `sink` and `ctx` must be the host's, valid for the duration of the call.
+pub(crate) unsafe fn lend_to_host(
+    sink: abi::LendSink,
+    ctx: *mut std::ffi::c_void,
+    lend: impl FnOnce(&mut dyn FnMut(&[&[u8]]) -> crate::Result<()>) -> crate::Result<()>,
+) -> crate::Result<()> {
+    let mut called = false;
+    let mut to_host = |pieces: &[&[u8]]| -> crate::Result<()> {
+        if std::mem::replace(&mut called, true) {
+            return Err(Error::io("pread_lend called its sink twice"));
+        }
+        let raw: Vec<abi::LendPiece> =
+            pieces.iter().map(|p| abi::LendPiece { data: p.as_ptr(), len: p.len() as u64 }).collect();
+        // SAFETY: the host's sink with its context, given pieces that
+        // stay valid for the call (they borrow from `pieces`).
+        match unsafe { sink(ctx, raw.as_ptr(), raw.len()) } {
+            0 => Ok(()),
+            // The host knows why; pass its errno back unchanged.
+            errno => Err(Error { errno, message: String::new(), from_below: true }),
+        }
+    };
+    let r = lend(&mut to_host);
+    if r.is_ok() && !called {
+        return Err(Error::io("pread_lend returned without lending anything"));
+    }
+    r
 }
 
 unsafe extern "C" fn shim_pwrite_lend<B: Backend>(

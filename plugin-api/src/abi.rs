@@ -49,7 +49,8 @@ pub const ABI_MAJOR: u16 = 1;
 /// * 1.0: the first table.
 /// * 1.1: `PluginTable::pread_lend`.
 /// * 1.2: `PluginTable::pwrite_lend`.
-pub const ABI_MINOR: u16 = 2;
+/// * 1.3: `FilterTable::pread_lend` and `NextOps::pread_lend`.
+pub const ABI_MINOR: u16 = 3;
 
 /// Name of the single symbol a plugin exports (without the trailing NUL).
 pub const ENTRY_POINT: &str = "nbdhost_plugin_entry";
@@ -228,7 +229,7 @@ pub type Handle = *mut c_void;
 /// Capability query: writes the answer to `*out`.
 pub type CanFn = unsafe extern "C" fn(h: Handle, out: *mut u32) -> i32;
 
-/// The table a backend plugin's entry point returns (ABI 1.0 layout).
+/// The table a backend plugin's entry point returns (ABI 1.2 layout).
 #[repr(C)]
 pub struct PluginTable {
     /// Plugin's [`ABI_MAJOR`].
@@ -402,6 +403,23 @@ pub struct NextOps {
         unsafe extern "C" fn(ctx: *mut c_void, count: u64, offset: u64, flags: u32, sink: *mut ExtentSink) -> i32,
     /// Cache.
     pub cache: unsafe extern "C" fn(ctx: *mut c_void, count: u64, offset: u64, flags: u32) -> i32,
+    /// (ABI 1.3; absent in a 1.2 host's table) Lend `[offset,
+    /// offset+count)` of the layer below: the host calls `sink(sink_ctx,
+    /// pieces, n)` exactly once with pieces that cover the range in order,
+    /// valid and unchanged while it runs, and returns what it returned (or
+    /// an errno without calling it if the range cannot be read). Where the
+    /// layer below does not lend, the host reads into a buffer of its own
+    /// and lends that, so this always works.
+    pub pread_lend: Option<
+        unsafe extern "C" fn(
+            ctx: *mut c_void,
+            count: u64,
+            offset: u64,
+            flags: u32,
+            sink: LendSink,
+            sink_ctx: *mut c_void,
+        ) -> i32,
+    >,
 }
 
 /// `which` values for [`NextOps::can`], named after the plugin callbacks.
@@ -431,7 +449,7 @@ pub const CAN_EXTENTS: u32 = 9;
 /// See [`CAN_WRITE`]; answers a `SUPPORT_*` value.
 pub const CAN_CACHE: u32 = 10;
 
-/// The table a filter's entry point returns (ABI 1.0 layout). Callbacks
+/// The table a filter's entry point returns (ABI 1.3 layout). Callbacks
 /// have the backend signatures; a filter reaches the layers below through
 /// the [`NextOps`] it was given in `open` (and keeps them in its handle).
 /// A callback the filter lacks passes the call through to its only child
@@ -523,6 +541,18 @@ pub struct FilterTable {
         Option<unsafe extern "C" fn(h: Handle, count: u64, offset: u64, flags: u32, sink: *mut ExtentSink) -> i32>,
     /// As [`PluginTable::cache`].
     pub cache: Option<unsafe extern "C" fn(h: Handle, count: u64, offset: u64, flags: u32) -> i32>,
+
+    /// (ABI 1.3, optional) As [`PluginTable::pread_lend`]: lend this
+    /// layer's `[offset, offset+count)`, typically by passing lending on to
+    /// the layer below with [`NextOps::pread_lend`] (shifting or narrowing
+    /// the range) and adding pieces of the filter's own memory where it
+    /// holds the data itself. The host calls it only where every layer
+    /// below the filter lends too; absent, the host calls `pread` (or, if
+    /// the filter has no `pread` either, lends from the layer below
+    /// directly, as it passes every absent callback through).
+    pub pread_lend: Option<
+        unsafe extern "C" fn(h: Handle, count: u64, offset: u64, flags: u32, sink: LendSink, ctx: *mut c_void) -> i32,
+    >,
 }
 
 // SAFETY: the tables hold only pointers to immutable, 'static data (strings,

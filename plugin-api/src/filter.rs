@@ -5,7 +5,7 @@
 //! that passes the call to the layer below unchanged, so a filter overrides
 //! only what it changes.
 
-use crate::__private::{copy_prefix, guard, open_context, params_from_raw};
+use crate::__private::{copy_prefix, guard, lend_to_host, open_context, params_from_raw};
 use crate::abi::{self, BlockSize, ExtentSink, Handle, HostApi, Instance, NextOps, OpenInfo, Param};
 use crate::{Error, ExtentList, Flags, OpenContext, Params, Result, Support, ThreadModel};
 use std::ffi::CStr;
@@ -36,8 +36,9 @@ impl Next {
     /// `p` must be a `NextOps` given by the host to `open`, valid until the
     /// handle is closed.
     unsafe fn from_raw(p: *const NextOps) -> Next {
-        // SAFETY: per contract; fields past the host's size read as zero,
-        // but every NextOps field exists since ABI 1.0.
+        // SAFETY: per contract; fields past the host's size read as zero:
+        // every field up to `cache` exists since ABI 1.0, and `pread_lend`
+        // (1.3) is an `Option` that a 1.2 host's table leaves `None`.
         Next { ops: unsafe { copy_prefix(p, (*p).struct_size) } }
     }
 
@@ -76,6 +77,83 @@ impl Next {
     pub fn pread(&self, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
         // SAFETY: `buf` is writable for its length during the call.
         rc(unsafe { (self.ops.pread)(self.ops.ctx, buf.as_mut_ptr(), buf.len() as u64, offset, flags.0) })
+    }
+    /// Lend `[offset, offset+count)` of the layer below: `sink` is called
+    /// once with pieces covering the range in order, valid only while it
+    /// runs, and what it returns is returned. Where the layer below does not
+    /// lend (or the host predates ABI 1.3), the data is read into a buffer
+    /// first and that is lent, so this always works.
+    pub fn pread_lend(
+        &self,
+        count: u64,
+        offset: u64,
+        flags: Flags,
+        sink: &mut dyn FnMut(&[&[u8]]) -> Result<()>,
+    ) -> Result<()> {
+        let Some(f) = self.ops.pread_lend else {
+            let len = usize::try_from(count).map_err(|_| Error::invalid("read too large"))?;
+            let mut buf = vec![0u8; len];
+            self.pread(&mut buf, offset, flags)?;
+            return sink(&[&buf]);
+        };
+        struct Ctx<'a> {
+            sink: &'a mut dyn FnMut(&[&[u8]]) -> Result<()>,
+            calls: u32,
+            failed: Option<Error>,
+        }
+        unsafe extern "C" fn receive(ctx: *mut std::ffi::c_void, pieces: *const abi::LendPiece, n: usize) -> i32 {
+            // SAFETY: `ctx` is the `Ctx` below, alive and otherwise unused
+            // while the host runs this.
+            let ctx = unsafe { &mut *(ctx as *mut Ctx<'_>) };
+            ctx.calls += 1;
+            if ctx.calls > 1 || (n > 0 && pieces.is_null()) {
+                return libc::EIO;
+            }
+            let raw: &[abi::LendPiece] = if n == 0 {
+                &[]
+            } else {
+                // SAFETY: the host passes `n` pieces (checked non-null).
+                unsafe { std::slice::from_raw_parts(pieces, n) }
+            };
+            let mut slices: Vec<&[u8]> = Vec::with_capacity(raw.len());
+            for p in raw.iter().filter(|p| p.len > 0) {
+                if p.data.is_null() {
+                    return libc::EIO;
+                }
+                // SAFETY: the host keeps each piece readable and unchanged
+                // until this returns.
+                slices.push(unsafe { std::slice::from_raw_parts(p.data, p.len as usize) });
+            }
+            // The filter's closure must not unwind into the host.
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (ctx.sink)(&slices))) {
+                Ok(Ok(())) => 0,
+                Ok(Err(e)) => {
+                    let errno = e.errno.max(1);
+                    ctx.failed = Some(e);
+                    errno
+                }
+                Err(_) => {
+                    ctx.failed = Some(Error::io("the filter panicked while sending lent data"));
+                    libc::EIO
+                }
+            }
+        }
+        let mut ctx = Ctx { sink, calls: 0, failed: None };
+        // SAFETY: host callback with its own ctx; `receive` gets `ctx`,
+        // which outlives the call.
+        let r = unsafe {
+            f(self.ops.ctx, count, offset, flags.0, receive, &mut ctx as *mut Ctx<'_> as *mut std::ffi::c_void)
+        };
+        // The filter's own error (with its message) rather than the errno
+        // the host passed back for it.
+        if let Some(e) = ctx.failed {
+            return Err(e);
+        }
+        rc(r)?;
+        if ctx.calls != 1 {
+            return Err(Error::io(format!("the host lent {} times instead of once", ctx.calls)));
+        }
+        Ok(())
     }
     /// Write to the layer below.
     pub fn pwrite(&self, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
@@ -235,6 +313,26 @@ pub trait FilterConnection: Send + Sync + 'static {
     }
 }
 
+/// Lending reads through a filter (ABI 1.3): implement it for a filter's
+/// handle when its reads can be served from memory the layer below lends
+/// ([`Next::pread_lend`], with the range shifted or narrowed) or from the
+/// filter's own memory, so the host sends the data from there instead of
+/// copying it into its buffer first. The host calls it only where every
+/// layer below lends too, and still calls [`FilterConnection::pread`]
+/// where lending does not suit it, so both must return the same data.
+pub trait FilterLendRead: FilterConnection {
+    /// Call `sink` once with slices covering `[offset, offset+count)` in
+    /// order, valid and unchanged while it runs, and return what it returns
+    /// (see [`crate::LendRead::pread_lend`]).
+    fn pread_lend(
+        &self,
+        count: u64,
+        offset: u64,
+        flags: Flags,
+        sink: &mut dyn FnMut(&[&[u8]]) -> Result<()>,
+    ) -> Result<()>;
+}
+
 // ------------------------------------------------------------------ shims
 
 /// # Safety
@@ -378,6 +476,23 @@ unsafe extern "C" fn f_extents<F: Filter>(
     })
 }
 
+pub(crate) unsafe extern "C" fn f_pread_lend<F: Filter>(
+    h: Handle,
+    count: u64,
+    offset: u64,
+    flags: u32,
+    sink: abi::LendSink,
+    ctx: *mut std::ffi::c_void,
+) -> i32
+where
+    F::Handle: FilterLendRead,
+{
+    // SAFETY: live handle; the host's sink and context, valid for the call.
+    guard("pread_lend", || unsafe {
+        lend_to_host(sink, ctx, |to_host| fh::<F>(h).pread_lend(count, offset, Flags(flags), to_host))
+    })
+}
+
 struct FilterCell(OnceLock<abi::FilterTable>);
 // SAFETY: the table holds 'static strings and function pointers only.
 unsafe impl Sync for FilterCell {}
@@ -387,7 +502,10 @@ unsafe impl Sync for FilterCell {}
 /// # Safety
 /// `host` must be the host's table, valid while the library is loaded.
 #[doc(hidden)]
-pub unsafe fn filter_entry<F: Filter>(host: *const HostApi) -> *const abi::PluginTable {
+pub unsafe fn filter_entry<F: Filter>(
+    host: *const HostApi,
+    pread_lend: Option<crate::__private::LendFn>,
+) -> *const abi::PluginTable {
     static TABLE: FilterCell = FilterCell(OnceLock::new());
     if host.is_null() {
         return std::ptr::null();
@@ -434,6 +552,7 @@ pub unsafe fn filter_entry<F: Filter>(host: *const HostApi) -> *const abi::Plugi
         zero: Some(f_zero::<F>),
         extents: Some(f_extents::<F>),
         cache: Some(f_cache::<F>),
+        pread_lend,
     });
     t as *const abi::FilterTable as *const abi::PluginTable
 }

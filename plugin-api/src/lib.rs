@@ -91,7 +91,7 @@ mod traits;
 pub mod __private;
 
 pub use error::{Error, Result};
-pub use filter::{Filter, FilterConnection, Next};
+pub use filter::{Filter, FilterConnection, FilterLendRead, Next};
 pub use params::{param, ParamKind, Params};
 pub use traits::{
     Backend, BlockSize, Cache, Connection, ExtentList, Extents, Flags, Flush, LendRead, LendWrite, OpenContext, Pwrite,
@@ -138,7 +138,8 @@ macro_rules! export_backend {
 ///
 /// Expands to the `nbdhost_plugin_entry` symbol. Every callback is filled
 /// in; the [`FilterConnection`] defaults pass calls through to the layer
-/// below. Use it once per `cdylib`.
+/// below. `pread_lend` is filled in only if the handle type implements
+/// [`FilterLendRead`]. Use it once per `cdylib`.
 #[macro_export]
 macro_rules! export_filter {
     ($filter:ty) => {
@@ -150,8 +151,12 @@ macro_rules! export_filter {
         pub unsafe extern "C" fn nbdhost_plugin_entry(
             host: *const $crate::abi::HostApi,
         ) -> *const $crate::abi::PluginTable {
+            #[allow(unused_imports)]
+            use $crate::__private::probes::*;
+            let probe = &$crate::__private::Probe::<$filter>::new();
+            let pread_lend = probe.filter_pread_lend_fn();
             // SAFETY: `host` comes from the nbdhost loader.
-            unsafe { $crate::__private::filter_entry::<$filter>(host) }
+            unsafe { $crate::__private::filter_entry::<$filter>(host, pread_lend) }
         }
     };
 }

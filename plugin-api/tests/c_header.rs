@@ -52,12 +52,13 @@ fn rust_layouts() -> Vec<Layout> {
         LendPieceMut => "nbdhost_lend_piece_mut" { data, len }
         NextOps => "nbdhost_next_ops" {
             struct_size, ctx, get_size, block_size, can, pread, pwrite, flush, trim, zero, extents, cache,
+            pread_lend,
         }
         FilterTable => "nbdhost_filter_table" {
             abi_major, abi_minor, struct_size, kind, thread_model, name, version, description, params, n_params,
             min_children, max_children, child_readonly, create, destroy, open, close, get_size, block_size,
             can_write, can_flush, is_rotational, can_trim, can_zero, can_fast_zero, can_fua, can_multi_conn,
-            can_extents, can_cache, pread, pwrite, flush, trim, zero, extents, cache,
+            can_extents, can_cache, pread, pwrite, flush, trim, zero, extents, cache, pread_lend,
         }
     }
 }

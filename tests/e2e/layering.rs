@@ -563,3 +563,107 @@ fn cow_copy_on_read_keeps_what_was_read_even_if_the_base_changes() {
     assert_eq!(read("cor"), "65 65", "copy-on-read did not keep the block");
     assert_eq!(read("plain"), "66 66", "without copy-on-read, reads come from below");
 }
+
+/// Filters that only shift or narrow ranges pass lending on (ABI 1.3): a
+/// large read through `truncate` over `offset` over `file` is sent from the
+/// file's mapping, the grown tail as zeros, without a copy into the host's
+/// buffer; every read returns the right data whichever way it went.
+#[test]
+fn reads_are_lent_through_truncate_and_offset_from_the_file_below() {
+    let ex = Exports::new();
+    let data = random_bytes(3 * MIB, 0x1e4d);
+    std::fs::write(ex.path("disk.img"), &data).unwrap();
+    // Window file[1M, 3M) grown to 4 MiB: [2M, 4M) of the export is zeros.
+    ex.snippet(
+        "w",
+        "[[layer]]\nfilter = \"truncate\"\nsize = \"4M\"\n[[layer]]\nfilter = \"offset\"\noffset = \"1M\"\n\
+         [[layer]]\nplugin = \"file\"\npath = \"disk.img\"\n",
+    );
+    let mut srv = Server::start(&ex, &["--log-level", "trace"]);
+    let expect = |off: usize, len: usize| -> Vec<u8> {
+        (off..off + len).map(|i| if i < 2 * MIB { data[MIB + i] } else { 0 }).collect()
+    };
+    let mut r = Raw::fixed(&srv.addr);
+    r.go("w");
+    // The first read of a connection is always lent: half from the file,
+    // half grown tail.
+    let (off, len) = (3 * MIB / 2, MIB);
+    r.request(0, 0, 1, off as u64, len as u32, &[]);
+    assert_eq!(r.simple_reply(), (0, 1), "{}", srv.log());
+    assert!(r.try_read(len).unwrap() == expect(off, len), "lent data differs");
+    for needle in
+        ["w: pread_lend 1572864+1048576", "w/offset: pread_lend 1572864+524288", "w/file: pread_lend 2621440+524288"]
+    {
+        assert!(srv.wait_for_log(needle), "no `{needle}`: the read was not lent through\n{}", srv.log());
+    }
+    assert!(!srv.log().contains("w/file: pread "), "the file was read into a buffer\n{}", srv.log());
+    // More reads, lent or copied as the host sees fit: all inside the file,
+    // across the end of the window, all zeros, unaligned.
+    for (cookie, (off, len)) in
+        [(0, MIB), (MIB + 4096, MIB), (2 * MIB, 2 * MIB), (12345, 300_000), (4 * MIB - 65536, 65536)]
+            .into_iter()
+            .enumerate()
+    {
+        let cookie = cookie as u64 + 2;
+        r.request(0, 0, cookie, off as u64, len as u32, &[]);
+        assert_eq!(r.simple_reply(), (0, cookie), "{}", srv.log());
+        assert!(r.try_read(len).unwrap() == expect(off, len), "read {off}+{len} differs");
+    }
+    // A real client over several connections.
+    if require_tool("nbdcopy") {
+        let out = ex.path("copy.img");
+        run_ok("nbdcopy", &["--connections=2", "--request-size=1048576", &srv.uri("w"), out.to_str().unwrap()]);
+        assert!(std::fs::read(&out).unwrap() == expect(0, 4 * MIB), "nbdcopy through the filters differs");
+    }
+    assert!(srv.alive(), "{}", srv.log());
+}
+
+/// `cow` lends the blocks it does not hold from the layer below and its
+/// own blocks from a buffer, in one lent reply: a read across unchanged,
+/// written and zeroed blocks returns each from the right place.
+#[test]
+fn cow_lends_unchanged_blocks_from_below_and_its_own_from_the_overlay() {
+    let ex = Exports::new();
+    let data = random_bytes(2 * MIB, 0xc0e);
+    std::fs::write(ex.path("base.img"), &data).unwrap();
+    ex.snippet(
+        "c",
+        "[[layer]]\nfilter = \"cow\"\nblocksize = \"64K\"\n[[layer]]\nplugin = \"file\"\npath = \"base.img\"\n",
+    );
+    let mut srv = Server::start(&ex, &["--log-level", "trace"]);
+    let mut expect = data.clone();
+    let mut w = Raw::fixed(&srv.addr);
+    w.go("c");
+    // A whole block and part of another written; a block zeroed.
+    let patch = random_bytes(65536 + 1000, 0x9a7c);
+    w.request(0, 1, 1, 131072, patch.len() as u32, &patch);
+    assert_eq!(w.simple_reply(), (0, 1));
+    expect[131072..131072 + patch.len()].copy_from_slice(&patch);
+    w.request(0, 6, 2, 327680, 65536, &[]);
+    assert_eq!(w.simple_reply(), (0, 2));
+    expect[327680..393216].fill(0);
+    // A fresh connection, so its first read is lent.
+    let mut r = Raw::fixed(&srv.addr);
+    r.go("c");
+    r.request(0, 0, 3, 0, MIB as u32, &[]);
+    assert_eq!(r.simple_reply(), (0, 3), "{}", srv.log());
+    assert!(r.try_read(MIB).unwrap() == expect[..MIB], "lent data differs");
+    for needle in [
+        "c: pread_lend 0+1048576",
+        "c/file: pread_lend 0+131072",
+        "c/file: pread_lend 262144+65536",
+        "c/file: pread_lend 393216+655360",
+    ] {
+        assert!(srv.wait_for_log(needle), "no `{needle}`\n{}", srv.log());
+    }
+    // Every alignment, lent or copied.
+    for (cookie, (off, len)) in
+        [(0, 2 * MIB), (100_000, 400_000), (131072 + 65536, 70_000), (MIB + 7, MIB - 7)].into_iter().enumerate()
+    {
+        let cookie = cookie as u64 + 4;
+        r.request(0, 0, cookie, off as u64, len as u32, &[]);
+        assert_eq!(r.simple_reply(), (0, cookie), "{}", srv.log());
+        assert!(r.try_read(len).unwrap() == expect[off..off + len], "read {off}+{len} differs");
+    }
+    assert!(srv.alive(), "{}", srv.log());
+}

@@ -17,10 +17,11 @@ mod overlay;
 
 use nbdhost_plugin_api::abi::{EXTENT_HOLE, EXTENT_ZERO};
 use nbdhost_plugin_api::{
-    export_filter, host, param, Error, ExtentList, Filter, FilterConnection, Flags, Next, OpenContext, ParamKind,
-    Params, Result, Support,
+    export_filter, host, param, Error, ExtentList, Filter, FilterConnection, FilterLendRead, Flags, Next, OpenContext,
+    ParamKind, Params, Result, Support,
 };
 use overlay::{Overlay, OverlayError, BELOW, DATA, ZERO};
+use std::cell::RefCell;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -368,6 +369,96 @@ impl FilterConnection for CowHandle {
             }
         }
         Ok(())
+    }
+}
+
+/// Most runs (of blocks below, in the overlay, zeroed) a lent read is made
+/// of; each run below nests one lending call, so a read more scattered
+/// than this is read into one buffer and lent from there.
+const MAX_LENT_RUNS: usize = 16;
+
+/// What zeroed blocks lend: pieces of this static buffer.
+static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
+
+thread_local! {
+    /// Where overlay data and scattered reads are read before they are lent.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Run `f` with a buffer of `len` bytes: this thread's scratch buffer, or
+/// a new one if it is in use further up (lending nests).
+fn with_scratch<T>(len: usize, f: impl FnOnce(&mut [u8]) -> Result<T>) -> Result<T> {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0);
+            }
+            let r = f(&mut buf[..len]);
+            if buf.len() > 4 << 20 {
+                *buf = Vec::new();
+            }
+            r
+        }
+        Err(_) => f(&mut vec![0u8; len]),
+    })
+}
+
+/// Blocks the overlay does not hold are lent by the layer below, so a read
+/// of unchanged data is sent from there (a mapped file, memory) without a
+/// copy; blocks it holds are read from the overlay and lent from a buffer.
+impl FilterLendRead for CowHandle {
+    fn pread_lend(
+        &self,
+        count: u64,
+        offset: u64,
+        flags: Flags,
+        sink: &mut dyn FnMut(&[&[u8]]) -> Result<()>,
+    ) -> Result<()> {
+        let runs = self.runs(offset, count);
+        match runs.as_slice() {
+            [(_, _, st)] if *st == BELOW && !self.copy_on_read => self.next.pread_lend(count, offset, flags, sink),
+            _ if self.copy_on_read || runs.len() > MAX_LENT_RUNS => with_scratch(count as usize, |buf| {
+                self.pread(buf, offset, flags)?;
+                sink(&[buf])
+            }),
+            _ => self.lend_runs(&runs, flags, &[], sink),
+        }
+    }
+}
+
+impl CowHandle {
+    /// Lend `runs` after the pieces already `lent`: each run below nests a
+    /// lending call, whose pieces stay valid until the innermost call has
+    /// handed everything to `sink`.
+    fn lend_runs(
+        &self,
+        runs: &[(u64, u64, u8)],
+        flags: Flags,
+        lent: &[&[u8]],
+        sink: &mut dyn FnMut(&[&[u8]]) -> Result<()>,
+    ) -> Result<()> {
+        let Some((&(o, l, st), rest)) = runs.split_first() else {
+            return sink(lent);
+        };
+        let mut then = |pieces: &[&[u8]]| -> Result<()> {
+            let all: Vec<&[u8]> = lent.iter().chain(pieces.iter()).copied().collect();
+            self.lend_runs(rest, flags, &all, &mut *sink)
+        };
+        match st {
+            BELOW => self.next.pread_lend(l, o, flags, &mut then),
+            DATA => match self.ov.lendable(o, l) {
+                Some(mapped) => then(&[mapped]),
+                None => with_scratch(l as usize, |buf| {
+                    self.ov.read_data(buf, o).map_err(ov_err)?;
+                    then(&[buf])
+                }),
+            },
+            _ => {
+                let zeros: Vec<&[u8]> =
+                    (0..l).step_by(ZEROS.len()).map(|at| &ZEROS[..(l - at).min(ZEROS.len() as u64) as usize]).collect();
+                then(&zeros)
+            }
+        }
     }
 }
 

@@ -60,6 +60,8 @@ pub struct Overlay {
     stripes: Vec<Mutex<()>>,
     /// Serialises syncs so two flushes do not interleave map writes.
     sync_lock: Mutex<()>,
+    /// A temporary overlay's data, mapped read-only for lent reads.
+    mapped: Option<memmap2::Mmap>,
 }
 
 impl Overlay {
@@ -84,6 +86,7 @@ impl Overlay {
             map,
             stripes: (0..1024).map(|_| Mutex::new(())).collect(),
             sync_lock: Mutex::new(()),
+            mapped: None,
         }
     }
 
@@ -93,7 +96,35 @@ impl Overlay {
             tempfile::tempfile_in(dir).map_err(|e| io_err(format!("creating an overlay in {}", dir.display()), e))?;
         data.set_len(size).map_err(|e| io_err("sizing the temporary overlay", e))?;
         let n = Self::blocks(size, block);
-        Ok(Self::new(data, None, block, size, (0..n).map(|_| AtomicU8::new(BELOW)).collect(), None))
+        let mut ov = Self::new(data, None, block, size, (0..n).map(|_| AtomicU8::new(BELOW)).collect(), None);
+        ov.mapped = ov.map_for_lending();
+        Ok(ov)
+    }
+
+    /// Map the data file read-only so reads of overlay blocks can be lent.
+    /// Only for temporary overlays: the file is unlinked and ours alone, so
+    /// nothing can shrink it under the mapping (a persistent one could be
+    /// truncated by someone else; its blocks are read and lent from a
+    /// buffer).
+    fn map_for_lending(&self) -> Option<memmap2::Mmap> {
+        if self.size == 0 || usize::try_from(self.size).is_err() {
+            return None;
+        }
+        // SAFETY: a shared read-only mapping of an unlinked file we own and
+        // keep open (and at `size` bytes) for the mapping's lifetime. Our
+        // own writes change its bytes, which is fine for bytes that are
+        // only handed to the kernel to send.
+        unsafe { memmap2::MmapOptions::new().len(self.size as usize).map(&self.data) }.ok()
+    }
+
+    /// The overlay's bytes `[offset, offset+len)` where they are mapped,
+    /// to lend (`None`: read them with [`Overlay::read_data`]). The bytes
+    /// of a block change only under its writers; whoever lends them sends
+    /// what is there.
+    pub fn lendable(&self, offset: u64, len: u64) -> Option<&[u8]> {
+        let m = self.mapped.as_ref()?;
+        let end = offset.checked_add(len).filter(|&e| e <= m.len() as u64)?;
+        Some(&m[offset as usize..end as usize])
     }
 
     /// A persistent overlay at `path` (data) and `path.map` (block states),

@@ -2,8 +2,8 @@
 //! below as a whole disk.
 
 use nbdhost_plugin_api::{
-    export_filter, param, Error, ExtentList, Filter, FilterConnection, Flags, Next, OpenContext, ParamKind, Params,
-    Result,
+    export_filter, param, Error, ExtentList, Filter, FilterConnection, FilterLendRead, Flags, Next, OpenContext,
+    ParamKind, Params, Result,
 };
 
 /// Per-export settings.
@@ -79,6 +79,19 @@ impl FilterConnection for OffsetHandle {
             out.add(o - self.offset, l, f)?;
         }
         Ok(())
+    }
+}
+
+/// Reads of the window are the layer below's, shifted: lend them through.
+impl FilterLendRead for OffsetHandle {
+    fn pread_lend(
+        &self,
+        count: u64,
+        offset: u64,
+        flags: Flags,
+        sink: &mut dyn FnMut(&[&[u8]]) -> Result<()>,
+    ) -> Result<()> {
+        self.next.pread_lend(count, offset + self.offset, flags, sink)
     }
 }
 

@@ -21,8 +21,8 @@
 //! partition the way the `offset` filter does.
 
 use nbdhost_plugin_api::{
-    export_filter, host, param, Error, ExtentList, Filter, FilterConnection, Flags, Next, OpenContext, ParamKind,
-    Params, Result,
+    export_filter, host, param, Error, ExtentList, Filter, FilterConnection, FilterLendRead, Flags, Next, OpenContext,
+    ParamKind, Params, Result,
 };
 
 /// Sector size the tables are read with.
@@ -364,6 +364,19 @@ impl FilterConnection for PartitionHandle {
             out.add(o - self.start, l, f)?;
         }
         Ok(())
+    }
+}
+
+/// Reads of the partition are the disk's, shifted: lend them through.
+impl FilterLendRead for PartitionHandle {
+    fn pread_lend(
+        &self,
+        count: u64,
+        offset: u64,
+        flags: Flags,
+        sink: &mut dyn FnMut(&[&[u8]]) -> Result<()>,
+    ) -> Result<()> {
+        self.next.pread_lend(count, offset + self.start, flags, sink)
     }
 }
 

@@ -11,7 +11,8 @@
 
 use nbdhost_plugin_api::params::parse_size;
 use nbdhost_plugin_api::{
-    export_filter, param, Error, Filter, FilterConnection, Flags, Next, OpenContext, ParamKind, Params, Result,
+    export_filter, param, Error, Filter, FilterConnection, FilterLendRead, Flags, Next, OpenContext, ParamKind, Params,
+    Result,
 };
 
 /// Largest read made at once to compare a zeroed range with zeros.
@@ -142,6 +143,19 @@ impl FilterConnection for ProtectHandle {
             return Err(Self::refuse("trim", part, range));
         }
         self.next.trim(count, offset, flags)
+    }
+}
+
+/// Reads pass through unchanged, and so does lending.
+impl FilterLendRead for ProtectHandle {
+    fn pread_lend(
+        &self,
+        count: u64,
+        offset: u64,
+        flags: Flags,
+        sink: &mut dyn FnMut(&[&[u8]]) -> Result<()>,
+    ) -> Result<()> {
+        self.next.pread_lend(count, offset, flags, sink)
     }
 }
 

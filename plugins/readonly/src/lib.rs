@@ -1,7 +1,9 @@
 //! `readonly` filter: the export below is served read-only, and the layers
 //! below are opened read-only too, so nothing under it can be written.
 
-use nbdhost_plugin_api::{export_filter, Filter, FilterConnection, Next, OpenContext, Params, Result};
+use nbdhost_plugin_api::{
+    export_filter, Filter, FilterConnection, FilterLendRead, Flags, Next, OpenContext, Params, Result,
+};
 
 /// The filter (no settings).
 pub struct ReadOnly;
@@ -33,6 +35,19 @@ impl FilterConnection for ReadOnlyHandle {
     }
     fn can_write(&self) -> Result<bool> {
         Ok(false)
+    }
+}
+
+/// Reads pass through unchanged, and so does lending.
+impl FilterLendRead for ReadOnlyHandle {
+    fn pread_lend(
+        &self,
+        count: u64,
+        offset: u64,
+        flags: Flags,
+        sink: &mut dyn FnMut(&[&[u8]]) -> Result<()>,
+    ) -> Result<()> {
+        self.next.pread_lend(count, offset, flags, sink)
     }
 }
 
