@@ -370,6 +370,12 @@ impl LoadedPlugin {
                 if t.create.is_none() || t.open.is_none() {
                     return Err(LoadError(format!("plugin {shown}: a filter must provide create and open")));
                 }
+                if t.pread_lend.is_some() && t.pread.is_none() {
+                    return Err(LoadError(format!(
+                        "plugin {shown}: a filter with pread_lend must provide pread too (the host reads with it \
+                         wherever it does not lend)"
+                    )));
+                }
                 if t.min_children > t.max_children || t.max_children == 0 {
                     return Err(LoadError(format!(
                         "plugin {shown}: declares between {} and {} layers below it",

@@ -363,8 +363,11 @@ struct nbdhost_plugin_table {
   /** Optional: lend [offset, offset+count) instead of copying it. Call
    * sink(ctx, pieces, n) exactly once, with pieces covering the range in
    * order that stay valid and unchanged until it returns, and return what
-   * it returned; on failure return an errno without calling it. The host
-   * still uses pread where lending does not suit it (TLS, small reads). */
+   * it returned; on failure return an errno without calling it (from ABI
+   * 1.3 on, ENOTSUP without calling it declines: the host reads the range
+   * with pread). The host still uses pread where lending does not suit it
+   * (TLS, small reads). It may be called again on the same thread while
+   * sink runs (a filter above lending several ranges in one reply). */
   int (*pread_lend) (nbdhost_handle h, uint64_t count, uint64_t offset, uint32_t flags,
                      nbdhost_lend_sink sink, void *ctx);
 
@@ -423,8 +426,10 @@ struct nbdhost_next_ops {
   /** Lend [offset, offset+count) of the layer below: the host calls
    * sink(sink_ctx, pieces, n) exactly once with pieces covering the range
    * in order, valid and unchanged while it runs, and returns what it
-   * returned (or an errno without calling it). Where the layer below does
-   * not lend, the host reads into a buffer of its own and lends that. */
+   * returned (or an errno without calling it: ENOTSUP if the layer below
+   * declined this range, which a filter returns as its own decline). Where
+   * the layer below does not lend at all, the host reads into a buffer of
+   * its own and lends that. */
   int (*pread_lend) (void *ctx, uint64_t count, uint64_t offset, uint32_t flags,
                      nbdhost_lend_sink sink, void *sink_ctx);
 };
@@ -502,9 +507,11 @@ struct nbdhost_filter_table {
   /** Optional: as pread_lend in struct nbdhost_plugin_table, typically by
    * passing lending on to the layer below with next_ops->pread_lend
    * (shifting or narrowing the range) and adding pieces of the filter's
-   * own memory where it holds the data. The host calls it only where every
-   * layer below lends too; NULL: the host calls pread (or, without pread
-   * either, lends from the layer below directly). */
+   * own memory where it holds the data. ENOTSUP before the sink runs
+   * declines (the host then calls pread, which a filter with pread_lend
+   * must provide). The host calls it only where every layer below lends
+   * too; NULL: the host calls pread (or, without pread either, lends from
+   * the layer below directly). */
   int (*pread_lend) (nbdhost_handle h, uint64_t count, uint64_t offset, uint32_t flags,
                      nbdhost_lend_sink sink, void *ctx);
 };

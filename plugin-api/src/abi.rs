@@ -309,8 +309,12 @@ pub struct PluginTable {
     /// it: call `sink(ctx, pieces, n)` exactly once, with pieces that cover
     /// the range in order, and return what it returned. The pieces must stay
     /// valid and unchanged until `sink` returns; the host sends them from
-    /// there. On failure return an errno without calling `sink`. The host
-    /// still calls `pread` when lending does not suit it (TLS, small reads).
+    /// there. On failure return an errno without calling `sink`; from ABI
+    /// 1.3 on, `ENOTSUP` returned without calling `sink` declines (the host
+    /// then reads the range with `pread`). The host still calls `pread`
+    /// when lending does not suit it (TLS, small reads). It may be called
+    /// again on the same thread while `sink` runs (a filter above lending
+    /// several ranges in one reply).
     pub pread_lend: Option<
         unsafe extern "C" fn(h: Handle, count: u64, offset: u64, flags: u32, sink: LendSink, ctx: *mut c_void) -> i32,
     >,
@@ -407,9 +411,12 @@ pub struct NextOps {
     /// offset+count)` of the layer below: the host calls `sink(sink_ctx,
     /// pieces, n)` exactly once with pieces that cover the range in order,
     /// valid and unchanged while it runs, and returns what it returned (or
-    /// an errno without calling it if the range cannot be read). Where the
-    /// layer below does not lend, the host reads into a buffer of its own
-    /// and lends that, so this always works.
+    /// an errno without calling it: `ENOTSUP` if the layer below declined
+    /// to lend this range, which a filter returns as its own decline). Where
+    /// the layer below does not lend at all, the host reads into a buffer of
+    /// its own and lends that. Calling it again from inside `sink` holds
+    /// the first range below while the next is taken: only over a layer
+    /// that nothing writes meanwhile (a read-only child, as `cow`'s).
     pub pread_lend: Option<
         unsafe extern "C" fn(
             ctx: *mut c_void,
@@ -546,9 +553,12 @@ pub struct FilterTable {
     /// layer's `[offset, offset+count)`, typically by passing lending on to
     /// the layer below with [`NextOps::pread_lend`] (shifting or narrowing
     /// the range) and adding pieces of the filter's own memory where it
-    /// holds the data itself. The host calls it only where every layer
-    /// below the filter lends too; absent, the host calls `pread` (or, if
-    /// the filter has no `pread` either, lends from the layer below
+    /// holds the data itself. `ENOTSUP` returned before the sink runs
+    /// declines (pass on what `NextOps::pread_lend` returns and a decline
+    /// below declines yours); the host then calls `pread`, which a filter
+    /// with this callback must have. The host calls it only where every
+    /// layer below the filter lends too; absent, the host calls `pread` (or,
+    /// if the filter has no `pread` either, lends from the layer below
     /// directly, as it passes every absent callback through).
     pub pread_lend: Option<
         unsafe extern "C" fn(h: Handle, count: u64, offset: u64, flags: u32, sink: LendSink, ctx: *mut c_void) -> i32,

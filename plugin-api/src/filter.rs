@@ -80,9 +80,14 @@ impl Next {
     }
     /// Lend `[offset, offset+count)` of the layer below: `sink` is called
     /// once with pieces covering the range in order, valid only while it
-    /// runs, and what it returns is returned. Where the layer below does not
-    /// lend (or the host predates ABI 1.3), the data is read into a buffer
-    /// first and that is lent, so this always works.
+    /// runs, and what it returns is returned. An `ENOTSUP` error without
+    /// `sink` having run means the layer below declined this range: return
+    /// it, and the host reads with `pread` instead. Where the layer below
+    /// does not lend at all (or the host predates ABI 1.3), the data is
+    /// read into a buffer first and that is lent. Calling it again from
+    /// inside `sink` holds the first range below while the next is taken:
+    /// do that only over a layer nothing writes meanwhile (as `cow`'s
+    /// read-only child).
     pub fn pread_lend(
         &self,
         count: u64,
@@ -320,6 +325,11 @@ pub trait FilterConnection: Send + Sync + 'static {
 /// copying it into its buffer first. The host calls it only where every
 /// layer below lends too, and still calls [`FilterConnection::pread`]
 /// where lending does not suit it, so both must return the same data.
+/// Return [`Error::unsupported`] before calling the sink to decline a read
+/// (the host then uses `pread`); errors from [`Next::pread_lend`] passed
+/// on unchanged decline where the layer below declined. Lent pieces may
+/// be pages of a mapped file that fault if it shrinks: pass them on
+/// rather than reading them.
 pub trait FilterLendRead: FilterConnection {
     /// Call `sink` once with slices covering `[offset, offset+count)` in
     /// order, valid and unchanged while it runs, and return what it returns

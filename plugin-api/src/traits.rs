@@ -186,8 +186,13 @@ pub trait LendRead: Connection {
     /// Call `sink` once with slices covering `[offset, offset+count)` in
     /// order, kept valid and unchanged while it runs (hold your locks), and
     /// return what it returns. Fail without calling it if the range cannot
-    /// be read. `pread` must still work: the host uses it where lending
-    /// does not suit it.
+    /// be read; [`crate::Error::unsupported`] without calling it declines
+    /// (ABI 1.3 hosts then read the range with `pread`: use it where this
+    /// range cannot be lent, e.g. it is not mapped). `pread` must still
+    /// work: the host uses it where lending does not suit it. It may be
+    /// called again on the same thread while `sink` runs (a filter above
+    /// lending several ranges in one reply), so a per-thread buffer must
+    /// not be assumed free.
     fn pread_lend(
         &self,
         count: u64,

@@ -619,8 +619,11 @@ fn reads_are_lent_through_truncate_and_offset_from_the_file_below() {
 }
 
 /// `cow` lends the blocks it does not hold from the layer below and its
-/// own blocks from a buffer, in one lent reply: a read across unchanged,
-/// written and zeroed blocks returns each from the right place.
+/// own blocks from its overlay's mapping, in one lent reply: a read across
+/// unchanged, written and zeroed blocks returns each from the right place.
+/// Where the file below declines (a range it no longer covers), cow passes
+/// the decline on and the host reads the usual way, which reports the
+/// short file as EIO.
 #[test]
 fn cow_lends_unchanged_blocks_from_below_and_its_own_from_the_overlay() {
     let ex = Exports::new();
@@ -665,5 +668,18 @@ fn cow_lends_unchanged_blocks_from_below_and_its_own_from_the_overlay() {
         assert_eq!(r.simple_reply(), (0, cookie), "{}", srv.log());
         assert!(r.try_read(len).unwrap() == expect[off..off + len], "read {off}+{len} differs");
     }
+    // The base shrinks underneath: the file declines what it no longer
+    // covers, cow passes that on, and the host's own read fails it alone.
+    std::fs::OpenOptions::new().write(true).open(ex.path("base.img")).unwrap().set_len(MIB as u64).unwrap();
+    // The writer's connection has read nothing yet, so it still lends.
+    w.request(0, 0, 10, MIB as u64, MIB as u32, &[]);
+    assert_eq!(w.simple_reply(), (5, 10), "a read past the new end is EIO\n{}", srv.log());
+    for needle in ["c: pread_lend 1048576+1048576", "c: pread 1048576+1048576"] {
+        assert!(srv.wait_for_log(needle), "no `{needle}`: not declined and read the usual way\n{}", srv.log());
+    }
+    w.request(0, 0, 11, 0, MIB as u32, &[]);
+    assert_eq!(w.simple_reply(), (0, 11), "{}", srv.log());
+    assert!(w.try_read(MIB).unwrap() == expect[..MIB], "data before the new end differs");
+    assert!(!srv.log().contains("panicked"), "{}", srv.log());
     assert!(srv.alive(), "{}", srv.log());
 }

@@ -1384,9 +1384,12 @@ impl<'a, W: Write + Send> Conn<'a, W> {
         // Bytes of `out` and the run that the socket took; None: no send
         // went through.
         let mut took: Option<usize> = None;
+        // The layer called the sink (did not decline or fail first).
+        let mut sunk = false;
         let r = {
             let head = out.bytes();
             self.layer.read_lend(len as u64, offset, &mut |pieces: &[&[u8]]| {
+                sunk = true;
                 if pieces.iter().map(|p| p.len()).sum::<usize>() != len {
                     return Err(libc::EIO);
                 }
@@ -1417,6 +1420,13 @@ impl<'a, W: Write + Send> Conn<'a, W> {
         let cannot_be_read = || OpError::new(NbdErrno::Io, "READ: the layer lent memory that cannot be read");
         if took.is_none() && broken.is_none() {
             (out.used, out.replies) = mark;
+            if !sunk && r.as_ref().is_err_and(|e| e.errno == NbdErrno::NotSup) {
+                // Declined (ABI 1.3: ENOTSUP before the sink): this range
+                // is read the usual way, without the reply lock held.
+                drop(rest);
+                drop(w);
+                return out.data(self.layer, req, offset, len, done);
+            }
             if unreadable {
                 return Err(cannot_be_read());
             }

@@ -21,7 +21,6 @@ use nbdhost_plugin_api::{
     ParamKind, Params, Result, Support,
 };
 use overlay::{Overlay, OverlayError, BELOW, DATA, ZERO};
-use std::cell::RefCell;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -374,38 +373,17 @@ impl FilterConnection for CowHandle {
 
 /// Most runs (of blocks below, in the overlay, zeroed) a lent read is made
 /// of; each run below nests one lending call, so a read more scattered
-/// than this is read into one buffer and lent from there.
+/// than this is declined (and read with `pread`).
 const MAX_LENT_RUNS: usize = 16;
 
 /// What zeroed blocks lend: pieces of this static buffer.
 static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
 
-thread_local! {
-    /// Where overlay data and scattered reads are read before they are lent.
-    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Run `f` with a buffer of `len` bytes: this thread's scratch buffer, or
-/// a new one if it is in use further up (lending nests).
-fn with_scratch<T>(len: usize, f: impl FnOnce(&mut [u8]) -> Result<T>) -> Result<T> {
-    SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buf) => {
-            if buf.len() < len {
-                buf.resize(len, 0);
-            }
-            let r = f(&mut buf[..len]);
-            if buf.len() > 4 << 20 {
-                *buf = Vec::new();
-            }
-            r
-        }
-        Err(_) => f(&mut vec![0u8; len]),
-    })
-}
-
 /// Blocks the overlay does not hold are lent by the layer below, so a read
 /// of unchanged data is sent from there (a mapped file, memory) without a
-/// copy; blocks it holds are read from the overlay and lent from a buffer.
+/// copy; blocks it holds are lent from the mapping of a temporary overlay.
+/// Anything else (copy-on-read, a persistent overlay's blocks, a read in
+/// many runs) is declined, and the host reads it with `pread`.
 impl FilterLendRead for CowHandle {
     fn pread_lend(
         &self,
@@ -415,12 +393,12 @@ impl FilterLendRead for CowHandle {
         sink: &mut dyn FnMut(&[&[u8]]) -> Result<()>,
     ) -> Result<()> {
         let runs = self.runs(offset, count);
+        let unmapped = || runs.iter().any(|r| r.2 == DATA) && self.ov.lendable(0, 0).is_none();
+        if self.copy_on_read || runs.len() > MAX_LENT_RUNS || unmapped() {
+            return Err(Error::unsupported("cow: this read is not lent"));
+        }
         match runs.as_slice() {
-            [(_, _, st)] if *st == BELOW && !self.copy_on_read => self.next.pread_lend(count, offset, flags, sink),
-            _ if self.copy_on_read || runs.len() > MAX_LENT_RUNS => with_scratch(count as usize, |buf| {
-                self.pread(buf, offset, flags)?;
-                sink(&[buf])
-            }),
+            [(_, _, st)] if *st == BELOW => self.next.pread_lend(count, offset, flags, sink),
             _ => self.lend_runs(&runs, flags, &[], sink),
         }
     }
@@ -448,10 +426,7 @@ impl CowHandle {
             BELOW => self.next.pread_lend(l, o, flags, &mut then),
             DATA => match self.ov.lendable(o, l) {
                 Some(mapped) => then(&[mapped]),
-                None => with_scratch(l as usize, |buf| {
-                    self.ov.read_data(buf, o).map_err(ov_err)?;
-                    then(&[buf])
-                }),
+                None => Err(Error::unsupported("cow: overlay data is not mapped")),
             },
             _ => {
                 let zeros: Vec<&[u8]> =

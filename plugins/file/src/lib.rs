@@ -297,29 +297,16 @@ impl LendRead for FileHandle {
         &self,
         count: u64,
         offset: u64,
-        flags: Flags,
+        _flags: Flags,
         sink: &mut dyn FnMut(&[&[u8]]) -> Result<()>,
     ) -> Result<()> {
         let pieces: Option<Vec<&[u8]>> = self.files.split(offset, count).map(|(s, o, l, _)| s.lendable(o, l)).collect();
         match pieces {
             Some(pieces) => sink(&pieces),
-            None => {
-                // Not mapped (block device, O_DIRECT) or shrunk: read into
-                // this thread's scratch buffer and lend that, which costs
-                // what the host's own read into its reply buffer would.
-                thread_local! {
-                    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-                }
-                SCRATCH.with(|scratch| {
-                    let mut buf = scratch.borrow_mut();
-                    if buf.len() < count as usize {
-                        buf.resize(count as usize, 0);
-                    }
-                    let buf = &mut buf[..count as usize];
-                    self.pread(buf, offset, flags)?;
-                    sink(&[buf])
-                })
-            }
+            // Not mapped (block device, O_DIRECT) or shrunk: decline, and
+            // the host reads it with `pread` (outside its reply lock, and
+            // reporting a shrunk file as the error it is).
+            None => Err(Error::unsupported("this range is not mapped; read it with pread")),
         }
     }
 }
