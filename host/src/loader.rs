@@ -11,6 +11,7 @@
 //! registered thread-local destructors, and `dlclose` under them would crash
 //! the server. Reloading configuration reuses the loaded library.
 
+use nbdhost_plugin_api::__private::{lent_slices, raw_pieces};
 use nbdhost_plugin_api::abi::{
     self, BlockSize, CanFn, ExtentSink, FilterTable, Handle, HostApi, NextOps, OpenInfo, Param, PluginTable,
 };
@@ -1028,8 +1029,7 @@ unsafe extern "C" fn next_pread_lend(
     let rc = next_call(ctx, |t| {
         t.pread_lend(count, offset, flags, &mut |pieces: &[&[u8]]| {
             calls += 1;
-            let raw: Vec<abi::LendPiece> =
-                pieces.iter().map(|p| abi::LendPiece { data: p.as_ptr(), len: p.len() as u64 }).collect();
+            let raw = raw_pieces(pieces);
             // SAFETY: the filter's sink with its own context, given pieces
             // that stay valid and unchanged for the call (the layer below
             // keeps them so until this closure returns).
@@ -1067,28 +1067,13 @@ unsafe extern "C" fn lend_sink(ctx: *mut c_void, pieces: *const abi::LendPiece, 
     // for this call, alive and not otherwise borrowed while the plugin runs.
     let ctx = unsafe { &mut *(ctx as *mut LendCtx<'_>) };
     ctx.calls += 1;
-    if ctx.calls > 1 || (n > 0 && pieces.is_null()) {
-        return libc::EIO;
-    }
-    let raw: &[abi::LendPiece] = if n == 0 {
-        &[]
-    } else {
-        // SAFETY: the plugin passes `n` pieces at `pieces` (checked non-null).
-        unsafe { std::slice::from_raw_parts(pieces, n) }
+    // SAFETY: the plugin guarantees its `n` pieces readable and unchanged
+    // until this function returns.
+    let slices = match unsafe { lent_slices(pieces, n) } {
+        Some(slices) if ctx.calls == 1 => slices,
+        _ => return libc::EIO,
     };
-    let mut slices: Vec<&[u8]> = Vec::with_capacity(raw.len());
-    for p in raw {
-        if p.len == 0 {
-            continue;
-        }
-        if p.data.is_null() {
-            return libc::EIO;
-        }
-        // SAFETY: the plugin guarantees each piece readable and unchanged
-        // until this function returns.
-        slices.push(unsafe { std::slice::from_raw_parts(p.data, p.len as usize) });
-        ctx.total += p.len;
-    }
+    ctx.total = slices.iter().map(|s| s.len() as u64).sum();
     // A panic in the host's own closure must not unwind into the plugin.
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (ctx.sink)(&slices))) {
         Ok(Ok(())) => 0,

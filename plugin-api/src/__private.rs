@@ -366,6 +366,37 @@ where
     })
 }
 
+/// Lent slices in their C form, for a call to a `LendSink`.
+pub fn raw_pieces(pieces: &[&[u8]]) -> Vec<abi::LendPiece> {
+    pieces.iter().map(|p| abi::LendPiece { data: p.as_ptr(), len: p.len() as u64 }).collect()
+}
+
+/// What a `LendSink` received, as slices (empty pieces left out); `None`
+/// if the list or a non-empty piece is a null pointer.
+///
+/// # Safety
+/// Unless `n` is 0 or `pieces` null, `pieces` points to `n` pieces, each
+/// readable and unchanged for `'a` (the sink call that received them).
+pub unsafe fn lent_slices<'a>(pieces: *const abi::LendPiece, n: usize) -> Option<Vec<&'a [u8]>> {
+    if n == 0 {
+        return Some(Vec::new());
+    }
+    if pieces.is_null() {
+        return None;
+    }
+    // SAFETY: per the contract, `n` pieces at `pieces` (non-null).
+    let raw = unsafe { std::slice::from_raw_parts(pieces, n) };
+    let mut slices = Vec::with_capacity(raw.len());
+    for p in raw.iter().filter(|p| p.len > 0) {
+        if p.data.is_null() {
+            return None;
+        }
+        // SAFETY: per the contract, readable and unchanged for 'a.
+        slices.push(unsafe { std::slice::from_raw_parts(p.data, p.len as usize) });
+    }
+    Some(slices)
+}
+
 /// Run `lend` with a sink that passes its pieces on to the host's `sink`
 /// (exactly once), for the backend and filter `pread_lend` shims.
 ///
@@ -381,8 +412,7 @@ pub(crate) unsafe fn lend_to_host(
         if std::mem::replace(&mut called, true) {
             return Err(Error::io("pread_lend called its sink twice"));
         }
-        let raw: Vec<abi::LendPiece> =
-            pieces.iter().map(|p| abi::LendPiece { data: p.as_ptr(), len: p.len() as u64 }).collect();
+        let raw = raw_pieces(pieces);
         // SAFETY: the host's sink with its context, given pieces that
         // stay valid for the call (they borrow from `pieces`).
         match unsafe { sink(ctx, raw.as_ptr(), raw.len()) } {

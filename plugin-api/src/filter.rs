@@ -5,7 +5,7 @@
 //! that passes the call to the layer below unchanged, so a filter overrides
 //! only what it changes.
 
-use crate::__private::{copy_prefix, guard, lend_to_host, open_context, params_from_raw};
+use crate::__private::{copy_prefix, guard, lend_to_host, lent_slices, open_context, params_from_raw};
 use crate::abi::{self, BlockSize, ExtentSink, Handle, HostApi, Instance, NextOps, OpenInfo, Param};
 use crate::{Error, ExtentList, Flags, OpenContext, Params, Result, Support, ThreadModel};
 use std::ffi::CStr;
@@ -111,24 +111,12 @@ impl Next {
             // while the host runs this.
             let ctx = unsafe { &mut *(ctx as *mut Ctx<'_>) };
             ctx.calls += 1;
-            if ctx.calls > 1 || (n > 0 && pieces.is_null()) {
-                return libc::EIO;
-            }
-            let raw: &[abi::LendPiece] = if n == 0 {
-                &[]
-            } else {
-                // SAFETY: the host passes `n` pieces (checked non-null).
-                unsafe { std::slice::from_raw_parts(pieces, n) }
+            // SAFETY: the host keeps the `n` pieces readable and unchanged
+            // until this returns.
+            let slices = match unsafe { lent_slices(pieces, n) } {
+                Some(slices) if ctx.calls == 1 => slices,
+                _ => return libc::EIO,
             };
-            let mut slices: Vec<&[u8]> = Vec::with_capacity(raw.len());
-            for p in raw.iter().filter(|p| p.len > 0) {
-                if p.data.is_null() {
-                    return libc::EIO;
-                }
-                // SAFETY: the host keeps each piece readable and unchanged
-                // until this returns.
-                slices.push(unsafe { std::slice::from_raw_parts(p.data, p.len as usize) });
-            }
             // The filter's closure must not unwind into the host.
             match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (ctx.sink)(&slices))) {
                 Ok(Ok(())) => 0,
@@ -333,14 +321,25 @@ pub trait FilterConnection: Send + Sync + 'static {
 pub trait FilterLendRead: FilterConnection {
     /// Call `sink` once with slices covering `[offset, offset+count)` in
     /// order, valid and unchanged while it runs, and return what it returns
-    /// (see [`crate::LendRead::pread_lend`]).
+    /// (see [`crate::LendRead::pread_lend`]). The default lends the same
+    /// range from the layer below: right for a filter whose reads pass
+    /// through unchanged (`impl FilterLendRead for MyHandle {}`).
     fn pread_lend(
         &self,
         count: u64,
         offset: u64,
         flags: Flags,
         sink: &mut dyn FnMut(&[&[u8]]) -> Result<()>,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        self.next().pread_lend(count, offset, flags, sink)
+    }
+}
+
+/// Pieces of a static buffer of zeros covering `len` bytes, for a filter
+/// that lends zeros (a grown tail, a zeroed block).
+pub fn zero_pieces(len: u64) -> Vec<&'static [u8]> {
+    static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
+    (0..len).step_by(ZEROS.len()).map(|at| &ZEROS[..(len - at).min(ZEROS.len() as u64) as usize]).collect()
 }
 
 // ------------------------------------------------------------------ shims

@@ -17,8 +17,8 @@ mod overlay;
 
 use nbdhost_plugin_api::abi::{EXTENT_HOLE, EXTENT_ZERO};
 use nbdhost_plugin_api::{
-    export_filter, host, param, Error, ExtentList, Filter, FilterConnection, FilterLendRead, Flags, Next, OpenContext,
-    ParamKind, Params, Result, Support,
+    export_filter, host, param, zero_pieces, Error, ExtentList, Filter, FilterConnection, FilterLendRead, Flags, Next,
+    OpenContext, ParamKind, Params, Result, Support,
 };
 use overlay::{Overlay, OverlayError, BELOW, DATA, ZERO};
 use std::path::PathBuf;
@@ -376,9 +376,6 @@ impl FilterConnection for CowHandle {
 /// than this is declined (and read with `pread`).
 const MAX_LENT_RUNS: usize = 16;
 
-/// What zeroed blocks lend: pieces of this static buffer.
-static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
-
 /// Blocks the overlay does not hold are lent by the layer below, so a read
 /// of unchanged data is sent from there (a mapped file, memory) without a
 /// copy; blocks it holds are lent from the mapping of a temporary overlay.
@@ -393,7 +390,7 @@ impl FilterLendRead for CowHandle {
         sink: &mut dyn FnMut(&[&[u8]]) -> Result<()>,
     ) -> Result<()> {
         let runs = self.runs(offset, count);
-        let unmapped = || runs.iter().any(|r| r.2 == DATA) && self.ov.lendable(0, 0).is_none();
+        let unmapped = || runs.iter().any(|r| r.2 == DATA) && !self.ov.is_mapped();
         if self.copy_on_read || runs.len() > MAX_LENT_RUNS || unmapped() {
             return Err(Error::unsupported("cow: this read is not lent"));
         }
@@ -428,11 +425,7 @@ impl CowHandle {
                 Some(mapped) => then(&[mapped]),
                 None => Err(Error::unsupported("cow: overlay data is not mapped")),
             },
-            _ => {
-                let zeros: Vec<&[u8]> =
-                    (0..l).step_by(ZEROS.len()).map(|at| &ZEROS[..(l - at).min(ZEROS.len() as u64) as usize]).collect();
-                then(&zeros)
-            }
+            _ => then(&zero_pieces(l)),
         }
     }
 }

@@ -117,6 +117,11 @@ impl Overlay {
         unsafe { memmap2::MmapOptions::new().len(self.size as usize).map(&self.data) }.ok()
     }
 
+    /// Whether overlay blocks can be lent ([`Overlay::lendable`]).
+    pub fn is_mapped(&self) -> bool {
+        self.mapped.is_some()
+    }
+
     /// The overlay's bytes `[offset, offset+len)` where they are mapped,
     /// to lend (`None`: read them with [`Overlay::read_data`]). The bytes
     /// of a block change only under its writers; whoever lends them sends

@@ -147,17 +147,7 @@ impl FilterConnection for ProtectHandle {
 }
 
 /// Reads pass through unchanged, and so does lending.
-impl FilterLendRead for ProtectHandle {
-    fn pread_lend(
-        &self,
-        count: u64,
-        offset: u64,
-        flags: Flags,
-        sink: &mut dyn FnMut(&[&[u8]]) -> Result<()>,
-    ) -> Result<()> {
-        self.next.pread_lend(count, offset, flags, sink)
-    }
-}
+impl FilterLendRead for ProtectHandle {}
 
 export_filter!(Protect);
 

@@ -1,9 +1,7 @@
 //! `readonly` filter: the export below is served read-only, and the layers
 //! below are opened read-only too, so nothing under it can be written.
 
-use nbdhost_plugin_api::{
-    export_filter, Filter, FilterConnection, FilterLendRead, Flags, Next, OpenContext, Params, Result,
-};
+use nbdhost_plugin_api::{export_filter, Filter, FilterConnection, FilterLendRead, Next, OpenContext, Params, Result};
 
 /// The filter (no settings).
 pub struct ReadOnly;
@@ -39,16 +37,6 @@ impl FilterConnection for ReadOnlyHandle {
 }
 
 /// Reads pass through unchanged, and so does lending.
-impl FilterLendRead for ReadOnlyHandle {
-    fn pread_lend(
-        &self,
-        count: u64,
-        offset: u64,
-        flags: Flags,
-        sink: &mut dyn FnMut(&[&[u8]]) -> Result<()>,
-    ) -> Result<()> {
-        self.next.pread_lend(count, offset, flags, sink)
-    }
-}
+impl FilterLendRead for ReadOnlyHandle {}
 
 export_filter!(ReadOnly);

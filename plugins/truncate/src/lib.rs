@@ -11,8 +11,8 @@
 
 use nbdhost_plugin_api::abi::{EXTENT_HOLE, EXTENT_ZERO};
 use nbdhost_plugin_api::{
-    export_filter, param, Error, ExtentList, Filter, FilterConnection, FilterLendRead, Flags, Next, OpenContext,
-    ParamKind, Params, Result,
+    export_filter, param, zero_pieces, Error, ExtentList, Filter, FilterConnection, FilterLendRead, Flags, Next,
+    OpenContext, ParamKind, Params, Result,
 };
 
 /// How the exported size is derived from the size below.
@@ -164,9 +164,6 @@ impl FilterConnection for TruncateHandle {
     }
 }
 
-/// What the grown tail lends: zeros, in pieces of this static buffer.
-static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
-
 /// Lends what exists below as the layer below lends it, and the grown tail
 /// (if the read reaches it) as zeros.
 impl FilterLendRead for TruncateHandle {
@@ -178,13 +175,7 @@ impl FilterLendRead for TruncateHandle {
         sink: &mut dyn FnMut(&[&[u8]]) -> Result<()>,
     ) -> Result<()> {
         let real = self.real(count, offset);
-        let mut tail = count - real;
-        let mut zeros: Vec<&[u8]> = Vec::new();
-        while tail > 0 {
-            let n = tail.min(ZEROS.len() as u64);
-            zeros.push(&ZEROS[..n as usize]);
-            tail -= n;
-        }
+        let zeros = zero_pieces(count - real);
         if real == 0 {
             return sink(&zeros);
         }
