@@ -683,3 +683,57 @@ fn cow_lends_unchanged_blocks_from_below_and_its_own_from_the_overlay() {
     assert!(!srv.log().contains("panicked"), "{}", srv.log());
     assert!(srv.alive(), "{}", srv.log());
 }
+
+/// `file` with `direct = true` (O_DIRECT) serves any range a client or a
+/// filter asks for: unaligned writes and reads straight on it, and `cow`
+/// over it reading partial blocks below into its own buffers. The kernel
+/// refuses such transfers on an O_DIRECT descriptor (EINVAL), so before
+/// the file plugin aligned them these requests failed.
+#[test]
+fn direct_file_takes_unaligned_requests_alone_and_under_cow() {
+    if !require_python_nbd() {
+        return;
+    }
+    let ex = Exports::new();
+    // Not a multiple of 4 KiB: the tail cannot be written with O_DIRECT
+    // without extending the file.
+    let size = 4 * MIB + 1000;
+    let base = random_bytes(size, 0xd1);
+    std::fs::write(ex.path("d.img"), &base).unwrap();
+    std::fs::write(ex.path("c.img"), &base).unwrap();
+    ex.snippet("d", "[[layer]]\nplugin = \"file\"\npath = \"d.img\"\ndirect = true\n");
+    ex.snippet("c", "[[layer]]\nfilter = \"cow\"\n[[layer]]\nplugin = \"file\"\npath = \"c.img\"\ndirect = true\n");
+    let mut srv = Server::start(&ex, &[]);
+    let o = python(
+        r#"
+import nbd, sys
+M = 1 << 20
+base = bytearray(open(sys.argv[2], "rb").read())
+for name in ("d", "c"):
+    model = bytearray(base)
+    h = nbd.NBD(); h.connect_uri(sys.argv[1] + name)
+    assert h.get_size() == len(model)
+    for i, (off, ln) in enumerate([(0, 65536), (100, 5000), (4095, 2), (M - 7, 3 * 4096),
+                                   (len(model) - 1000, 1000), (len(model) - 5000, 5000),
+                                   (2 * M + 512, 512), (3 * M, M)]):
+        data = bytes((j * 7 + i + 1) & 0xff for j in range(ln))
+        h.pwrite(data, off)
+        model[off:off + ln] = data
+        assert h.pread(ln, off) == bytes(model[off:off + ln]), (name, off, ln)
+        a = off & ~4095; n = min(8192, len(model) - a)
+        assert h.pread(n, a) == bytes(model[a:a + n]), (name, off)
+    h.flush()
+    assert h.pread(len(model), 0) == bytes(model), name
+    open(sys.argv[3] + name, "wb").write(model)
+print("OK")
+"#,
+        &[&format!("nbd://{}/", srv.addr), ex.path("d.img").to_str().unwrap(), ex.path("model.").to_str().unwrap()],
+    );
+    assert!(assert_ok("python", &o).contains("OK"), "{}", srv.log());
+    // The writes reached the file itself; cow kept the base untouched.
+    assert!(std::fs::read(ex.path("d.img")).unwrap() == std::fs::read(ex.path("model.d")).unwrap());
+    assert_eq!(std::fs::metadata(ex.path("d.img")).unwrap().len(), size as u64, "a write extended the file");
+    assert!(std::fs::read(ex.path("c.img")).unwrap() == base, "cow wrote to its base");
+    assert!(!srv.log().contains("refused an O_DIRECT transfer"), "{}", srv.log());
+    assert!(srv.alive(), "{}", srv.log());
+}

@@ -10,7 +10,11 @@
 //! * large reads of regular files are lent (ABI 1.1) from a read-only shared
 //!   mapping of the file, so the host sends them from the page cache without
 //!   copying them into a buffer first (see [`Segment::lendable`] for what
-//!   keeps a file that shrinks from faulting).
+//!   keeps a file that shrinks from faulting);
+//! * `direct = true` opens with O_DIRECT but takes any range and buffer
+//!   (see [`direct`] for how unaligned requests are served).
+
+mod direct;
 
 use nbdhost_plugin_api::abi::{EXTENT_HOLE, EXTENT_ZERO};
 use nbdhost_plugin_api::{
@@ -29,6 +33,8 @@ pub struct OpenFile {
     path: PathBuf,
     writable: bool,
     is_block_device: bool,
+    /// Set when `file` is opened with O_DIRECT.
+    direct: Option<direct::DirectIo>,
 }
 
 impl OpenFile {
@@ -44,6 +50,22 @@ impl OpenFile {
             return Ok(end as u64);
         }
         Ok(self.file.metadata().map_err(|e| Error::from_io(self.path.display(), &e))?.len())
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        match &self.direct {
+            None => self.file.read_exact_at(buf, offset),
+            Some(d) => d.read(&self.file, &self.path, buf, offset),
+        }
+        .map_err(|e| Error::from_io(format!("{}: read {offset}+{}", self.path.display(), buf.len()), &e))
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        match &self.direct {
+            None => self.file.write_all_at(buf, offset),
+            Some(d) => d.write(&self.file, &self.path, buf, offset),
+        }
+        .map_err(|e| Error::from_io(format!("{}: write {offset}+{}", self.path.display(), buf.len()), &e))
     }
 
     fn os_error(&self, what: &str) -> Error {
@@ -144,25 +166,39 @@ pub struct FileHandle {
 }
 
 fn open_one(path: &Path, direct: bool) -> Result<OpenFile> {
+    let open = |write: bool, flags: i32| {
+        OpenOptions::new()
+            .read(true)
+            .write(write)
+            .custom_flags(flags)
+            .open(path)
+            .map_err(|e| Error::from_io(format!("opening {}", path.display()), &e))
+    };
     let flags = if direct { libc::O_DIRECT } else { 0 };
-    let (file, writable) = match OpenOptions::new().read(true).write(true).custom_flags(flags).open(path) {
+    let (file, writable) = match open(true, flags) {
         Ok(f) => (f, true),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EROFS) | Some(libc::EPERM)) => {
-            let f = OpenOptions::new()
-                .read(true)
-                .custom_flags(flags)
-                .open(path)
-                .map_err(|e| Error::from_io(format!("opening {}", path.display()), &e))?;
+        Err(e) if matches!(e.errno, libc::EACCES | libc::EROFS | libc::EPERM) => {
+            let f = open(false, flags)?;
             host::warn(&format!("{} is not writable ({e}); serving it read-only", path.display()));
             (f, false)
         }
-        Err(e) => return Err(Error::from_io(format!("opening {}", path.display()), &e)),
+        Err(e) if direct && e.errno == libc::EINVAL => {
+            return Err(Error::invalid(format!(
+                "{}: this filesystem does not support O_DIRECT; remove `direct = true`",
+                path.display()
+            )))
+        }
+        Err(e) => return Err(e),
     };
     let ft = file.metadata().map_err(|e| Error::from_io(path.display(), &e))?.file_type();
     if !(ft.is_file() || ft.is_block_device()) {
         return Err(Error::invalid(format!("{} is neither a regular file nor a block device", path.display())));
     }
-    Ok(OpenFile { file, path: path.to_path_buf(), writable, is_block_device: ft.is_block_device() })
+    let direct = match direct {
+        true => Some(direct::DirectIo::new(&file, open(writable, 0)?, path)),
+        false => None,
+    };
+    Ok(OpenFile { file, path: path.to_path_buf(), writable, is_block_device: ft.is_block_device(), direct })
 }
 
 /// nbd-server's multifile layout: `BASE.0`, `BASE.1`, ... up to the first
@@ -269,10 +305,7 @@ impl Connection for FileHandle {
     }
     fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
         for (s, o, l, at) in self.files.split(offset, buf.len() as u64) {
-            s.file
-                .file
-                .read_exact_at(&mut buf[at..at + l as usize], o)
-                .map_err(|e| Error::from_io(format!("{}: read {o}+{l}", s.file.path.display()), &e))?;
+            s.file.read_at(&mut buf[at..at + l as usize], o)?;
         }
         Ok(())
     }
@@ -314,10 +347,7 @@ impl LendRead for FileHandle {
 impl Pwrite for FileHandle {
     fn pwrite(&self, buf: &[u8], offset: u64, _flags: Flags) -> Result<()> {
         for (s, o, l, at) in self.files.split(offset, buf.len() as u64) {
-            s.file
-                .file
-                .write_all_at(&buf[at..at + l as usize], o)
-                .map_err(|e| Error::from_io(format!("{}: write {o}+{l}", s.file.path.display()), &e))?;
+            s.file.write_at(&buf[at..at + l as usize], o)?;
         }
         Ok(())
     }
