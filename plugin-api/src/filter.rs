@@ -148,6 +148,28 @@ impl Next {
         }
         Ok(())
     }
+    /// [`Next::pread_lend`] that tells a decline apart: `None` where the
+    /// layer below declined the range (the filter should decline too, with
+    /// [`Error::unsupported`], and see the range again in `pread`), else
+    /// the result. For filters that log or count their reads, so a declined
+    /// read is not counted twice.
+    pub fn try_pread_lend(
+        &self,
+        count: u64,
+        offset: u64,
+        flags: Flags,
+        sink: &mut dyn FnMut(&[&[u8]]) -> Result<()>,
+    ) -> Option<Result<()>> {
+        let mut sunk = false;
+        let r = self.pread_lend(count, offset, flags, &mut |pieces: &[&[u8]]| {
+            sunk = true;
+            sink(pieces)
+        });
+        match r {
+            Err(e) if !sunk && e.errno == libc::ENOTSUP => None,
+            r => Some(r),
+        }
+    }
     /// Write to the layer below.
     pub fn pwrite(&self, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
         // SAFETY: `buf` is readable for its length during the call.
@@ -340,6 +362,36 @@ pub trait FilterLendRead: FilterConnection {
 pub fn zero_pieces(len: u64) -> Vec<&'static [u8]> {
     static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
     (0..len).step_by(ZEROS.len()).map(|at| &ZEROS[..(len - at).min(ZEROS.len() as u64) as usize]).collect()
+}
+
+/// One source of a lent read assembled by [`lend_in_order`]: it lends its
+/// part of the read by calling the sink it is given once (a
+/// [`Next::pread_lend`] of some range, a filter's own mapping, zeros).
+pub type LendSource<'a> = dyn Fn(&mut dyn FnMut(&[&[u8]]) -> Result<()>) -> Result<()> + 'a;
+
+/// Lend one read made of several sources, in order: `sink` gets all their
+/// pieces in one call. Each source is called inside the sink of the one
+/// before, so every piece is still valid (its lender has not returned)
+/// when `sink` runs. A source that declines (ENOTSUP before its sink)
+/// makes the whole read decline, as the trait asks.
+pub fn lend_in_order(sources: &[Box<LendSource<'_>>], sink: &mut dyn FnMut(&[&[u8]]) -> Result<()>) -> Result<()> {
+    fn after(
+        sources: &[Box<LendSource<'_>>],
+        lent: &[&[u8]],
+        sink: &mut dyn FnMut(&[&[u8]]) -> Result<()>,
+    ) -> Result<()> {
+        let Some((first, rest)) = sources.split_first() else {
+            return sink(lent);
+        };
+        first(&mut |pieces: &[&[u8]]| {
+            if lent.is_empty() {
+                return after(rest, pieces, sink);
+            }
+            let all: Vec<&[u8]> = lent.iter().chain(pieces).copied().collect();
+            after(rest, &all, sink)
+        })
+    }
+    after(sources, &[], sink)
 }
 
 // ------------------------------------------------------------------ shims
@@ -564,4 +616,57 @@ pub unsafe fn filter_entry<F: Filter>(
         pread_lend,
     });
     t as *const abi::FilterTable as *const abi::PluginTable
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A source lending `bytes` from memory that lives only during its call.
+    fn local(bytes: &'static [u8]) -> Box<LendSource<'static>> {
+        Box::new(move |then| {
+            let owned = bytes.to_vec();
+            let halves = owned.split_at(owned.len() / 2);
+            then(&[halves.0, halves.1])
+        })
+    }
+
+    #[test]
+    fn sources_are_lent_in_order_in_one_sink_call_and_a_decline_declines_all() {
+        let sources = vec![
+            local(b"abcd"),
+            Box::new(|then: &mut dyn FnMut(&[&[u8]]) -> Result<()>| then(&[])) as _,
+            local(b"efgh"),
+        ];
+        let mut calls = Vec::new();
+        lend_in_order(&sources, &mut |pieces| {
+            calls.push(pieces.concat());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(calls, vec![b"abcdefgh".to_vec()]);
+
+        // The sink's error comes back out of every level.
+        let r = lend_in_order(&sources, &mut |_| Err(Error::new(libc::EPIPE, "gone")));
+        assert_eq!(r.unwrap_err().errno, libc::EPIPE);
+
+        // A source that declines (ENOTSUP without calling on) after others
+        // have lent: the sink never runs, the decline is what returns.
+        let declining: Vec<Box<LendSource<'_>>> =
+            vec![local(b"ab"), Box::new(|_: &mut dyn FnMut(&[&[u8]]) -> Result<()>| Err(Error::unsupported("no")))];
+        let mut ran = false;
+        let r = lend_in_order(&declining, &mut |_| {
+            ran = true;
+            Ok(())
+        });
+        assert!(!ran);
+        assert_eq!(r.unwrap_err().errno, libc::ENOTSUP);
+        let mut empty = Vec::new();
+        lend_in_order(&[], &mut |p| {
+            empty.push(p.len());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(empty, vec![0]);
+    }
 }

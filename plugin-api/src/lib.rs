@@ -91,7 +91,7 @@ mod traits;
 pub mod __private;
 
 pub use error::{Error, Result};
-pub use filter::{zero_pieces, Filter, FilterConnection, FilterLendRead, Next};
+pub use filter::{lend_in_order, zero_pieces, Filter, FilterConnection, FilterLendRead, LendSource, Next};
 pub use params::{param, ParamKind, Params};
 pub use traits::{
     Backend, BlockSize, Cache, Connection, ExtentList, Extents, Flags, Flush, LendRead, LendWrite, OpenContext, Pwrite,

@@ -737,3 +737,69 @@ print("OK")
     assert!(!srv.log().contains("refused an O_DIRECT transfer"), "{}", srv.log());
     assert!(srv.alive(), "{}", srv.log());
 }
+
+/// `log`, `blocksize` and `concat` pass lent reads on: a read of whole
+/// blocks inside one part, or across mapped parts, is lent by the files
+/// below (nested, one reply), and `log` writes one line for it. Where a
+/// part declines (an O_DIRECT file is not mapped) or `blocksize` would
+/// need its bounce buffer (a partial block), the whole read is declined
+/// and read with `pread`, and `log` still writes exactly one line.
+#[test]
+fn log_blocksize_and_concat_lend_reads_and_log_each_once() {
+    let ex = Exports::new();
+    let parts: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(MIB, 0xc0 + i)).collect();
+    for (i, p) in parts.iter().enumerate() {
+        std::fs::write(ex.path(&format!("p{i}.img")), p).unwrap();
+    }
+    let all: Vec<u8> = parts.concat();
+    let logfile = ex.path("reads.log");
+    ex.snippet(
+        "l",
+        &format!(
+            "[[layer]]\nfilter = \"log\"\nlogfile = \"{}\"\n[[layer]]\nfilter = \"blocksize\"\nminblock = \"4K\"\n\
+             maxdata = \"256K\"\n[[layer]]\nplugin = \"concat\"\n\
+             [[layer.part]]\n  [[layer.part.layer]]\n  plugin = \"file\"\n  path = \"p0.img\"\n\
+             [[layer.part]]\n  [[layer.part.layer]]\n  plugin = \"file\"\n  path = \"p1.img\"\n\
+             [[layer.part]]\n  [[layer.part.layer]]\n  plugin = \"file\"\n  path = \"p2.img\"\n  direct = true\n",
+            logfile.display()
+        ),
+    );
+    let mut srv = Server::start(&ex, &["--log-level", "trace"]);
+    // (offset, length, lent): whole blocks in part 0; across parts 0 and 1
+    // (both mapped); a partial block (blocksize declines); across parts 1
+    // and 2 (part 2, O_DIRECT, declines); inside part 2 only.
+    let reads = [
+        (0, MIB, true),
+        (MIB / 2, MIB, true),
+        (MIB + 100, 200_000, false),
+        (2 * MIB - 65536, 131_072, false),
+        (2 * MIB + 4096, 65536, false),
+    ];
+    for (i, &(off, len, lent)) in reads.iter().enumerate() {
+        // A connection's first read is always offered for lending (later
+        // ones may be copied while the client is slow to read).
+        let mut r = Raw::fixed(&srv.addr);
+        r.go("l");
+        let cookie = i as u64 + 1;
+        r.request(0, 0, cookie, off as u64, len as u32, &[]);
+        assert_eq!(r.simple_reply(), (0, cookie), "{}", srv.log());
+        assert!(r.try_read(len).unwrap() == all[off..off + len], "read {off}+{len} differs");
+        let offered = format!("l: pread_lend {off}+{len}");
+        assert!(srv.wait_for_log(&offered), "no `{offered}`\n{}", srv.log());
+        let copied = format!("l: pread {off}+{len}");
+        if lent {
+            let trace: String = srv.log().lines().skip_while(|l| !l.contains(&offered)).collect::<Vec<_>>().join("\n");
+            assert!(!trace.contains(&copied), "read {off}+{len} was declined\n{trace}");
+        } else {
+            assert!(srv.wait_for_log(&copied), "read {off}+{len} was not declined\n{}", srv.log());
+        }
+    }
+    assert!(srv.alive(), "{}", srv.log());
+    srv.terminate();
+    let log = std::fs::read_to_string(&logfile).unwrap();
+    for &(off, len, _) in &reads {
+        let line = format!("Read offset={off} count={len} -> ok");
+        assert_eq!(log.matches(&line).count(), 1, "`{line}` is not logged exactly once:\n{log}");
+    }
+    assert_eq!(log.matches("Read offset=").count(), reads.len(), "{log}");
+}

@@ -5,8 +5,13 @@
 
 use nbdhost_plugin_api::abi::{self, BlockSize};
 use nbdhost_plugin_api::{
-    export_filter, Error, ExtentList, Filter, FilterConnection, Flags, Next, OpenContext, Params, Result, Support,
+    export_filter, lend_in_order, Error, ExtentList, Filter, FilterConnection, FilterLendRead, Flags, LendSource, Next,
+    OpenContext, Params, Result, Support,
 };
+
+/// Most parts one lent read may cross; each nests a lending call, so a
+/// read across more is declined (and read with `pread`).
+const MAX_LENT_PARTS: usize = 16;
 
 /// The layer (no settings of its own).
 pub struct Concat;
@@ -181,6 +186,36 @@ impl FilterConnection for ConcatHandle {
             }
         }
         Ok(())
+    }
+}
+
+/// A read is lent by the parts it crosses, each nesting its lending call
+/// in the one before, so the whole read leaves as one reply from where the
+/// parts keep their data. The host asks only when every part lends.
+impl FilterLendRead for ConcatHandle {
+    fn pread_lend(
+        &self,
+        count: u64,
+        offset: u64,
+        flags: Flags,
+        sink: &mut dyn FnMut(&[&[u8]]) -> Result<()>,
+    ) -> Result<()> {
+        let pieces: Vec<(&Part, u64, u64)> = self.split(offset, count).map(|(p, o, l, _)| (p, o, l)).collect();
+        match pieces.as_slice() {
+            [(p, o, l)] => p.next.pread_lend(*l, *o, flags, sink),
+            _ if pieces.len() > MAX_LENT_PARTS => {
+                Err(Error::unsupported("concat: read crosses too many parts to lend"))
+            }
+            _ => {
+                let sources: Vec<Box<LendSource<'_>>> = pieces
+                    .iter()
+                    .map(|&(p, o, l)| -> Box<LendSource<'_>> {
+                        Box::new(move |then| p.next.pread_lend(l, o, flags, then))
+                    })
+                    .collect();
+                lend_in_order(&sources, sink)
+            }
+        }
     }
 }
 

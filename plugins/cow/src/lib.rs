@@ -17,8 +17,8 @@ mod overlay;
 
 use nbdhost_plugin_api::abi::{EXTENT_HOLE, EXTENT_ZERO};
 use nbdhost_plugin_api::{
-    export_filter, host, param, zero_pieces, Error, ExtentList, Filter, FilterConnection, FilterLendRead, Flags, Next,
-    OpenContext, ParamKind, Params, Result, Support,
+    export_filter, host, lend_in_order, param, zero_pieces, Error, ExtentList, Filter, FilterConnection,
+    FilterLendRead, Flags, LendSource, Next, OpenContext, ParamKind, Params, Result, Support,
 };
 use overlay::{Overlay, OverlayError, BELOW, DATA, ZERO};
 use std::path::PathBuf;
@@ -396,36 +396,24 @@ impl FilterLendRead for CowHandle {
         }
         match runs.as_slice() {
             [(_, _, st)] if *st == BELOW => self.next.pread_lend(count, offset, flags, sink),
-            _ => self.lend_runs(&runs, flags, &[], sink),
-        }
-    }
-}
-
-impl CowHandle {
-    /// Lend `runs` after the pieces already `lent`: each run below nests a
-    /// lending call, whose pieces stay valid until the innermost call has
-    /// handed everything to `sink`.
-    fn lend_runs(
-        &self,
-        runs: &[(u64, u64, u8)],
-        flags: Flags,
-        lent: &[&[u8]],
-        sink: &mut dyn FnMut(&[&[u8]]) -> Result<()>,
-    ) -> Result<()> {
-        let Some((&(o, l, st), rest)) = runs.split_first() else {
-            return sink(lent);
-        };
-        let mut then = |pieces: &[&[u8]]| -> Result<()> {
-            let all: Vec<&[u8]> = lent.iter().chain(pieces.iter()).copied().collect();
-            self.lend_runs(rest, flags, &all, &mut *sink)
-        };
-        match st {
-            BELOW => self.next.pread_lend(l, o, flags, &mut then),
-            DATA => match self.ov.lendable(o, l) {
-                Some(mapped) => then(&[mapped]),
-                None => Err(Error::unsupported("cow: overlay data is not mapped")),
-            },
-            _ => then(&zero_pieces(l)),
+            _ => {
+                // One source per run: below nests a lending call, the
+                // overlay's blocks come from its mapping, zeros from zeros.
+                let sources: Vec<Box<LendSource<'_>>> = runs
+                    .iter()
+                    .map(|&(o, l, st)| -> Box<LendSource<'_>> {
+                        match st {
+                            BELOW => Box::new(move |then| self.next.pread_lend(l, o, flags, then)),
+                            DATA => Box::new(move |then| match self.ov.lendable(o, l) {
+                                Some(mapped) => then(&[mapped]),
+                                None => Err(Error::unsupported("cow: overlay data is not mapped")),
+                            }),
+                            _ => Box::new(move |then| then(&zero_pieces(l))),
+                        }
+                    })
+                    .collect();
+                lend_in_order(&sources, sink)
+            }
         }
     }
 }

@@ -21,8 +21,8 @@
 
 use nbdhost_plugin_api::abi::{ParamSpec, EXTENT_HOLE, EXTENT_ZERO};
 use nbdhost_plugin_api::{
-    export_filter, host, param, Error, ExtentList, Filter, FilterConnection, Flags, Next, OpenContext, ParamKind,
-    Params, Result,
+    export_filter, host, param, Error, ExtentList, Filter, FilterConnection, FilterLendRead, Flags, Next, OpenContext,
+    ParamKind, Params, Result,
 };
 use std::ffi::CStr;
 use std::fmt::Write as _;
@@ -126,13 +126,25 @@ impl LogHandle {
     /// Run a request, then log it with its result. `ok` adds detail to a
     /// successful result.
     fn request<T>(&self, what: String, f: impl FnOnce() -> Result<T>, ok: impl FnOnce(&T) -> String) -> Result<T> {
-        let wall = SystemTime::now();
-        let start = Instant::now();
+        let (wall, start) = (SystemTime::now(), Instant::now());
         let r = f();
+        self.finished(what, wall, start, &r, ok);
+        r
+    }
+
+    /// Log a request that started at `wall` / `start` and gave `r`.
+    fn finished<T>(
+        &self,
+        what: String,
+        wall: SystemTime,
+        start: Instant,
+        r: &Result<T>,
+        ok: impl FnOnce(&T) -> String,
+    ) {
         let ms = start.elapsed().as_secs_f64() * 1e3;
         self.requests.fetch_add(1, Ordering::Relaxed);
         let mut line = format!("{} {} {what} -> ", timestamp(wall), self.tag);
-        match &r {
+        match r {
             Ok(v) => {
                 line.push_str("ok");
                 line.push_str(&ok(v));
@@ -144,7 +156,6 @@ impl LogHandle {
         }
         let _ = writeln!(line, " ({ms:.3} ms)");
         self.shared.write_line(&line);
-        r
     }
 
     fn plain(&self, what: String, f: impl FnOnce() -> Result<()>) -> Result<()> {
@@ -293,6 +304,27 @@ pub fn errno_name(e: i32) -> String {
         _ => return format!("errno{e}"),
     };
     name.to_string()
+}
+
+/// Reads are lent from the layer below and logged as any read: the line
+/// is the same, its latency includes sending the data. A read the layer
+/// below declines is not logged here; the host reads it again with
+/// `pread`, which logs it once.
+impl FilterLendRead for LogHandle {
+    fn pread_lend(
+        &self,
+        count: u64,
+        offset: u64,
+        flags: Flags,
+        sink: &mut dyn FnMut(&[&[u8]]) -> Result<()>,
+    ) -> Result<()> {
+        let (wall, start) = (SystemTime::now(), Instant::now());
+        let Some(r) = self.next.try_pread_lend(count, offset, flags, sink) else {
+            return Err(Error::unsupported("log: the layer below declined this read"));
+        };
+        self.finished(format!("Read offset={offset} count={count}"), wall, start, &r, |_| String::new());
+        r
+    }
 }
 
 export_filter!(Log);

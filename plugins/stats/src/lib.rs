@@ -22,8 +22,8 @@
 
 use nbdhost_plugin_api::abi::ParamSpec;
 use nbdhost_plugin_api::{
-    export_filter, host, param, Error, ExtentList, Filter, FilterConnection, Flags, Next, OpenContext, ParamKind,
-    Params, Result,
+    export_filter, host, param, Error, ExtentList, Filter, FilterConnection, FilterLendRead, Flags, Next, OpenContext,
+    ParamKind, Params, Result,
 };
 use signal_hook::consts::SIGUSR1;
 use signal_hook::iterator::Signals;
@@ -363,9 +363,13 @@ impl StatsHandle {
     fn timed<T>(&self, op: Op, bytes: u64, f: impl FnOnce() -> Result<T>) -> Result<T> {
         let start = Instant::now();
         let r = f();
-        let ns = start.elapsed().as_nanos().min(u64::MAX as u128) as u64;
-        self.shared.op(op).record(ns, bytes, r.is_ok());
+        self.record(op, start, bytes, r.is_ok());
         r
+    }
+
+    fn record(&self, op: Op, start: Instant, bytes: u64, ok: bool) {
+        let ns = start.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+        self.shared.op(op).record(ns, bytes, ok);
     }
 }
 
@@ -394,6 +398,26 @@ impl FilterConnection for StatsHandle {
     }
     fn cache(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
         self.timed(Op::Cache, count, || self.next.cache(count, offset, flags))
+    }
+}
+
+/// Reads are lent from the layer below and counted as any read (their
+/// time includes sending the data). A read the layer below declines is
+/// not counted here; the host reads it again with `pread`, which counts it.
+impl FilterLendRead for StatsHandle {
+    fn pread_lend(
+        &self,
+        count: u64,
+        offset: u64,
+        flags: Flags,
+        sink: &mut dyn FnMut(&[&[u8]]) -> Result<()>,
+    ) -> Result<()> {
+        let start = Instant::now();
+        let Some(r) = self.next.try_pread_lend(count, offset, flags, sink) else {
+            return Err(Error::unsupported("stats: the layer below declined this read"));
+        };
+        self.record(Op::Read, start, count, r.is_ok());
+        r
     }
 }
 
