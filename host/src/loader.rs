@@ -120,6 +120,18 @@ unsafe extern "C" fn host_last_error(_ctx: *mut c_void, buf: *mut u8, cap: usize
     .unwrap_or(0)
 }
 
+/// Set by `nbdhost --check` before any plugin instance is created.
+static CHECKING_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// From now on, tell plugins that the host only checks the configuration.
+pub fn set_checking_only() {
+    CHECKING_ONLY.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+unsafe extern "C" fn host_checking_only(_ctx: *mut c_void) -> u32 {
+    CHECKING_ONLY.load(std::sync::atomic::Ordering::Relaxed) as u32
+}
+
 unsafe extern "C" fn host_debug_enabled(ctx: *mut c_void) -> u32 {
     // SAFETY: `ctx` is this plugin's `HostCtx`.
     let ctx = unsafe { &*(ctx as *const HostCtx) };
@@ -322,6 +334,7 @@ impl LoadedPlugin {
             set_error: Some(host_set_error),
             debug_enabled: Some(host_debug_enabled),
             last_error: Some(host_last_error),
+            checking_only: Some(host_checking_only),
         }));
         // SAFETY: calling the entry point with our table, per ABI v1.
         let table_ptr = unsafe { entry(host) };

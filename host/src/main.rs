@@ -135,6 +135,9 @@ fn run(cli: Cli) -> Result<(), String> {
     }
     let default_export = cli.default_export.clone().or(file.default_export.clone());
 
+    if cli.check {
+        loader::set_checking_only();
+    }
     let specs = config::load_snippets(&exports_dir).map_err(|e| e.to_string())?;
     let exports = ExportSet::build(&specs, &plugins, default_export.clone()).map_err(|e| e.to_string())?;
     if exports.is_empty() {

@@ -58,7 +58,7 @@ extern "C" {
 /** Major version: bumped only for incompatible changes. */
 #define NBDHOST_ABI_MAJOR 1
 /** Minor version: bumped when fields are appended to a table. */
-#define NBDHOST_ABI_MINOR 3
+#define NBDHOST_ABI_MINOR 4
 
 /** Name of the single symbol a plugin exports. */
 #define NBDHOST_ENTRY_POINT "nbdhost_plugin_entry"
@@ -185,6 +185,12 @@ struct nbdhost_host_api {
    * filters): copies up to `cap` bytes into `buf` (no NUL added) and
    * returns the full length (0: none). May be NULL. */
   size_t (*last_error) (void *ctx, char *buf, size_t cap);
+  /* ---- ABI 1.4 (check struct_size: older hosts' tables end above) ---- */
+  /** Non-zero while the host only checks the configuration (`nbdhost
+   * --check`): create should validate its parameters and what they name,
+   * and change nothing (create no file, write nothing); the instance is
+   * destroyed unused. */
+  uint32_t (*checking_only) (void *ctx);
 };
 
 /** One declared parameter. */

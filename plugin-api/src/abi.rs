@@ -50,7 +50,8 @@ pub const ABI_MAJOR: u16 = 1;
 /// * 1.1: `PluginTable::pread_lend`.
 /// * 1.2: `PluginTable::pwrite_lend`.
 /// * 1.3: `FilterTable::pread_lend` and `NextOps::pread_lend`.
-pub const ABI_MINOR: u16 = 3;
+/// * 1.4: `HostApi::checking_only`.
+pub const ABI_MINOR: u16 = 4;
 
 /// Name of the single symbol a plugin exports (without the trailing NUL).
 pub const ENTRY_POINT: &str = "nbdhost_plugin_entry";
@@ -154,6 +155,11 @@ pub struct HostApi {
     /// copies up to `cap` bytes (UTF-8) into `buf` and returns the full
     /// length (0: none).
     pub last_error: Option<unsafe extern "C" fn(ctx: *mut c_void, buf: *mut u8, cap: usize) -> usize>,
+    /// (ABI 1.4; absent in older hosts' tables) Non-zero while the host
+    /// only checks the configuration (`nbdhost --check`): `create` should
+    /// validate its parameters and what they name, and change nothing
+    /// (create no file, write nothing). The instance is destroyed unused.
+    pub checking_only: Option<unsafe extern "C" fn(ctx: *mut c_void) -> u32>,
 }
 
 /// One declared parameter of a plugin.

@@ -68,6 +68,19 @@ pub fn debug_enabled() -> bool {
     .unwrap_or(false)
 }
 
+/// Whether the host only checks the configuration (`nbdhost --check`, ABI
+/// 1.4): `create` should then validate what it can and change nothing,
+/// e.g. not create the files it would create to serve. False in older
+/// hosts, which do not say.
+pub fn checking_only() -> bool {
+    with_host(|h| {
+        let f = h.checking_only?;
+        // SAFETY: host callback with its own ctx.
+        Some(unsafe { f(h.ctx) } != 0)
+    })
+    .unwrap_or(false)
+}
+
 /// The message of the last failed call to the layer below a filter, on
 /// this thread (see [`crate::Next`]).
 pub fn last_error() -> Option<String> {

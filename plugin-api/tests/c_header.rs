@@ -35,7 +35,7 @@ macro_rules! layouts {
 fn rust_layouts() -> Vec<Layout> {
     layouts! {
         HostApi => "nbdhost_host_api" {
-            abi_major, abi_minor, struct_size, ctx, log, set_error, debug_enabled, last_error,
+            abi_major, abi_minor, struct_size, ctx, log, set_error, debug_enabled, last_error, checking_only,
         }
         ParamSpec => "nbdhost_param_spec" { name, kind, required, default_value, help }
         Param => "nbdhost_param" { key, value }

@@ -52,6 +52,43 @@ fn check_accepts_the_bundled_exports_d() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("configuration OK"));
 }
 
+/// `--check` validates what a snippet names but creates nothing: not the
+/// files `file` would create with `size`, not `log`'s log file. A path it
+/// could not create is still an error, and serving creates them as usual.
+#[test]
+fn check_creates_no_files_but_still_refuses_what_could_not_be_created() {
+    let ex = Exports::new();
+    ex.snippet(
+        "f",
+        "[[layer]]\nfilter = \"log\"\nlogfile = \"f.log\"\n[[layer]]\nplugin = \"file\"\npaths = [\"a.img\", \"b.img\"]\nsize = \"1M\"\n",
+    );
+    let check = |ex: &Exports| run(nbdhost_bin().to_str().unwrap(), &["--check", "--exports-dir", &ex.dir_str()]);
+    let o = check(&ex);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("configuration OK"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("would create"), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in ["a.img", "b.img", "f.log"] {
+        assert!(!ex.path(f).exists(), "--check created {f}");
+    }
+    // Where they could not be created, --check says so.
+    let bad = Exports::new();
+    bad.snippet("g", "[[layer]]\nplugin = \"file\"\npath = \"no/such/dir/a.img\"\nsize = \"1M\"\n");
+    bad.snippet(
+        "h",
+        "[[layer]]\nfilter = \"log\"\nlogfile = \"no/such/dir/h.log\"\n[[layer]]\nplugin = \"memory\"\nsize = \"1M\"\n",
+    );
+    let o = check(&bad);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("cannot create") && err.contains("a.img") && err.contains("is not a directory"), "{err}");
+    assert!(err.contains("h.log"), "{err}");
+    // Serving creates them.
+    let mut srv = Server::start(&ex, &[]);
+    assert!(srv.alive(), "{}", srv.log());
+    assert_eq!(std::fs::metadata(ex.path("a.img")).unwrap().len(), 1 << 20);
+    assert!(ex.path("b.img").exists() && ex.path("f.log").exists());
+}
+
 #[test]
 fn an_empty_exports_dir_and_a_missing_one_are_errors() {
     let ex = Exports::new();

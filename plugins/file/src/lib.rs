@@ -264,6 +264,19 @@ impl Backend for FileBackend {
                 return Err(Error::invalid("`size` cannot create files in multifile mode (BASE.0, ... must exist)"));
             }
             for path in paths.iter().filter(|p| !p.exists()) {
+                if host::checking_only() {
+                    // `nbdhost --check`: say what would be created, create nothing.
+                    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                    if !dir.is_dir() {
+                        return Err(Error::invalid(format!(
+                            "cannot create {}: {} is not a directory",
+                            path.display(),
+                            dir.display()
+                        )));
+                    }
+                    host::info(&format!("would create {} ({size} bytes, sparse)", path.display()));
+                    continue;
+                }
                 let f = OpenOptions::new()
                     .write(true)
                     .create_new(true)
@@ -276,6 +289,10 @@ impl Backend for FileBackend {
         let mut segs = Vec::with_capacity(paths.len());
         let mut start = 0u64;
         for p in &paths {
+            if create_size.is_some() && !p.exists() {
+                // Only when checking: otherwise it was created above.
+                continue;
+            }
             let file = open_one(p, direct)?;
             let size = file.size()?;
             let map = Segment::map(&file, size, direct);

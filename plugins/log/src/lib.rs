@@ -84,10 +84,27 @@ impl Filter for Log {
 
     fn create(p: &Params) -> Result<Self> {
         let path = p.path("logfile").ok_or_else(|| Error::invalid("parameter `logfile` is required"))?;
+        let checking = host::checking_only();
+        let target = if checking && !path.exists() {
+            // `nbdhost --check` creates nothing: the directory must be
+            // there, and /dev/null stands in for the file (the instance is
+            // destroyed unused).
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+            if !dir.is_dir() {
+                return Err(Error::invalid(format!(
+                    "parameter `logfile`: cannot create {}: {} is not a directory",
+                    path.display(),
+                    dir.display()
+                )));
+            }
+            PathBuf::from("/dev/null")
+        } else {
+            path.clone()
+        };
         let file = OpenOptions::new()
             .append(true)
-            .create(true)
-            .open(&path)
+            .create(!checking)
+            .open(&target)
             .map_err(|e| Error::from_io(format!("parameter `logfile`: cannot open {}", path.display()), &e))?;
         Ok(Log {
             shared: Arc::new(Shared {
