@@ -85,9 +85,11 @@ impl Next {
     /// it, and the host reads with `pread` instead. Where the layer below
     /// does not lend at all (or the host predates ABI 1.3), the data is
     /// read into a buffer first and that is lent. Calling it again from
-    /// inside `sink` holds the first range below while the next is taken:
-    /// do that only over a layer nothing writes meanwhile (as `cow`'s
-    /// read-only child).
+    /// inside `sink` holds the first range below (and its locks) while the
+    /// next is taken: do that only over a layer nothing writes meanwhile
+    /// (as `cow`'s read-only child) or across different layers (as
+    /// `concat`'s parts), never for two ranges of one written layer, where
+    /// a writer queued between them deadlocks both.
     pub fn pread_lend(
         &self,
         count: u64,
@@ -149,10 +151,13 @@ impl Next {
         Ok(())
     }
     /// [`Next::pread_lend`] that tells a decline apart: `None` where the
-    /// layer below declined the range (the filter should decline too, with
-    /// [`Error::unsupported`], and see the range again in `pread`), else
-    /// the result. For filters that log or count their reads, so a declined
-    /// read is not counted twice.
+    /// read was declined (the filter should decline too, with
+    /// [`Error::unsupported`], and will see the range again in `pread`),
+    /// else the result. For filters that log or count their reads, so a
+    /// declined read is not counted twice. A decline is ENOTSUP from below
+    /// before `sink` ran, or ENOTSUP from `sink` itself: the host's own
+    /// sink never returns it, so that is a layer above (a `concat` or
+    /// `cow` that nests its next source inside this sink) declining.
     pub fn try_pread_lend(
         &self,
         count: u64,
@@ -160,13 +165,15 @@ impl Next {
         flags: Flags,
         sink: &mut dyn FnMut(&[&[u8]]) -> Result<()>,
     ) -> Option<Result<()>> {
-        let mut sunk = false;
+        let (mut sunk, mut sink_declined) = (false, false);
         let r = self.pread_lend(count, offset, flags, &mut |pieces: &[&[u8]]| {
             sunk = true;
-            sink(pieces)
+            let r = sink(pieces);
+            sink_declined = r.as_ref().is_err_and(|e| e.errno == libc::ENOTSUP);
+            r
         });
         match r {
-            Err(e) if !sunk && e.errno == libc::ENOTSUP => None,
+            Err(e) if e.errno == libc::ENOTSUP && (!sunk || sink_declined) => None,
             r => Some(r),
         }
     }

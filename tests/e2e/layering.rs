@@ -757,20 +757,45 @@ fn log_blocksize_and_concat_lend_reads_and_log_each_once() {
         "l",
         &format!(
             "[[layer]]\nfilter = \"log\"\nlogfile = \"{}\"\n[[layer]]\nfilter = \"blocksize\"\nminblock = \"4K\"\n\
-             maxdata = \"256K\"\n[[layer]]\nplugin = \"concat\"\n\
+             maxdata = \"512K\"\n[[layer]]\nplugin = \"concat\"\n\
              [[layer.part]]\n  [[layer.part.layer]]\n  plugin = \"file\"\n  path = \"p0.img\"\n\
              [[layer.part]]\n  [[layer.part.layer]]\n  plugin = \"file\"\n  path = \"p1.img\"\n\
              [[layer.part]]\n  [[layer.part.layer]]\n  plugin = \"file\"\n  path = \"p2.img\"\n  direct = true\n",
             logfile.display()
         ),
     );
+    // `log` inside a part: a read across into a part that declines is
+    // declined after `log`'s own layer lent, and must still be logged once.
+    let nlog = ex.path("n.log");
+    ex.snippet(
+        "n",
+        &format!(
+            "[[layer]]\nplugin = \"concat\"\n\
+             [[layer.part]]\n  [[layer.part.layer]]\n  filter = \"log\"\n  logfile = \"{}\"\n\
+             [[layer.part.layer]]\n  plugin = \"file\"\n  path = \"p0.img\"\n\
+             [[layer.part]]\n  [[layer.part.layer]]\n  plugin = \"file\"\n  path = \"p2.img\"\n  direct = true\n",
+            nlog.display()
+        ),
+    );
     let mut srv = Server::start(&ex, &["--log-level", "trace"]);
+    {
+        let mut r = Raw::fixed(&srv.addr);
+        r.go("n");
+        let (off, len) = (MIB - 65536, 131_072);
+        r.request(0, 0, 99, off as u64, len as u32, &[]);
+        assert_eq!(r.simple_reply(), (0, 99), "{}", srv.log());
+        let want: Vec<u8> = parts[0][off..].iter().chain(&parts[2][..off + len - MIB]).copied().collect();
+        assert!(r.try_read(len).unwrap() == want, "read across into the O_DIRECT part differs");
+        assert!(srv.wait_for_log(&format!("n: pread {off}+{len}")), "not declined\n{}", srv.log());
+    }
     // (offset, length, lent): whole blocks in part 0; across parts 0 and 1
-    // (both mapped); a partial block (blocksize declines); across parts 1
+    // (both mapped); two of blocksize's pieces (it does not nest lending
+    // on one layer: declined); a partial block (declined); across parts 1
     // and 2 (part 2, O_DIRECT, declines); inside part 2 only.
     let reads = [
-        (0, MIB, true),
-        (MIB / 2, MIB, true),
+        (0, MIB / 2, true),
+        (MIB - MIB / 4, MIB / 2, true),
+        (0, MIB, false),
         (MIB + 100, 200_000, false),
         (2 * MIB - 65536, 131_072, false),
         (2 * MIB + 4096, 65536, false),
@@ -802,4 +827,8 @@ fn log_blocksize_and_concat_lend_reads_and_log_each_once() {
         assert_eq!(log.matches(&line).count(), 1, "`{line}` is not logged exactly once:\n{log}");
     }
     assert_eq!(log.matches("Read offset=").count(), reads.len(), "{log}");
+    let log = std::fs::read_to_string(&nlog).unwrap();
+    let line = format!("Read offset={} count=65536 -> ok", MIB - 65536);
+    assert_eq!(log.matches("Read offset=").count(), 1, "{log}");
+    assert_eq!(log.matches(&line).count(), 1, "{log}");
 }

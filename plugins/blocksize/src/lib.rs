@@ -20,13 +20,9 @@
 
 use nbdhost_plugin_api::abi::FLAG_FUA;
 use nbdhost_plugin_api::{
-    export_filter, host, lend_in_order, param, BlockSize, Error, ExtentList, Filter, FilterConnection, FilterLendRead,
-    Flags, LendSource, Next, OpenContext, ParamKind, Params, Result,
+    export_filter, host, param, BlockSize, Error, ExtentList, Filter, FilterConnection, FilterLendRead, Flags, Next,
+    OpenContext, ParamKind, Params, Result,
 };
-
-/// Most pieces of at most `maxdata` one lent read is made of; each nests a
-/// lending call below, so a longer read is declined (read with `pread`).
-const MAX_LENT_PIECES: usize = 16;
 use std::sync::{Arc, RwLock};
 
 /// Per-export settings.
@@ -281,10 +277,13 @@ impl FilterConnection for BlocksizeHandle {
     }
 }
 
-/// A read of whole blocks is lent from below in pieces of at most
-/// `maxdata`, nested, so it leaves as one reply without a copy. A read
-/// with a partial block (which needs the bounce buffer) or of more than
-/// [`MAX_LENT_PIECES`] pieces is declined and read with `pread`.
+/// A read of whole blocks that the layer below takes in one piece (at
+/// most `maxdata`) is lent from below. Anything else is declined and read
+/// with `pread`: a partial block needs the bounce buffer, and several
+/// pieces would nest lending calls on the same layer below, which may
+/// hold locks of the first piece while it waits for those of the next
+/// (`memory` does: with a writer queued on a page both pieces share, that
+/// is a deadlock).
 impl FilterLendRead for BlocksizeHandle {
     fn pread_lend(
         &self,
@@ -293,24 +292,10 @@ impl FilterLendRead for BlocksizeHandle {
         flags: Flags,
         sink: &mut dyn FnMut(&[&[u8]]) -> Result<()>,
     ) -> Result<()> {
-        let mut whole = Vec::new();
-        for p in self.pieces(offset, count, self.maxdata) {
-            match p {
-                Piece::Whole { offset, len } if whole.len() < MAX_LENT_PIECES => whole.push((offset, len)),
-                _ => return Err(Error::unsupported("blocksize: this read is not lent")),
-            }
-        }
-        match whole.as_slice() {
-            [(o, l)] => self.next.pread_lend(*l, *o, flags, sink),
-            _ => {
-                let sources: Vec<Box<LendSource<'_>>> = whole
-                    .iter()
-                    .map(|&(o, l)| -> Box<LendSource<'_>> {
-                        Box::new(move |then| self.next.pread_lend(l, o, flags, then))
-                    })
-                    .collect();
-                lend_in_order(&sources, sink)
-            }
+        let mut pieces = self.pieces(offset, count, self.maxdata);
+        match (pieces.next(), pieces.next()) {
+            (Some(Piece::Whole { offset, len }), None) => self.next.pread_lend(len, offset, flags, sink),
+            _ => Err(Error::unsupported("blocksize: only reads of whole blocks in one piece are lent")),
         }
     }
 }

@@ -10,17 +10,22 @@
 //! * offset and length aligned, buffer not: through an aligned per-thread
 //!   bounce buffer, still O_DIRECT (one copy, no page cache);
 //! * offset or length not aligned: through a second descriptor opened
-//!   without O_DIRECT. The kernel keeps the two coherent (a direct read
-//!   writes back dirty cached pages of its range first, a direct write
-//!   drops them), and because the offset alignment is at least a page, a
-//!   direct request never shares a page with a buffered one it does not
-//!   overlap, so no stale cached page can be written back over it. This
-//!   also covers the unaligned tail of a file, which a direct write could
-//!   only reach by extending the file.
+//!   without O_DIRECT. This also covers the unaligned tail of a file,
+//!   which a direct write could only reach by extending the file.
+//!
+//! The kernel keeps the two descriptors coherent for transfers that do not
+//! run at the same time: a direct transfer writes back the cached pages of
+//! its range first and a direct write drops them after. Run at the same
+//! time, a buffered transfer can leave a stale cached page (or large
+//! folio, which may span more than the alignment) behind a direct write,
+//! even where their byte ranges do not overlap. So direct transfers share
+//! a lock that buffered ones take alone; the buffered path is the rare,
+//! unaligned one.
 //!
 //! Where the kernel refuses a transfer we took for aligned (alignment
 //! unknown, guessed too small), it is redone through the buffered
-//! descriptor, with one warning per file.
+//! descriptor, with one warning per file, and from then on every transfer
+//! of that file goes through the page cache.
 
 use nbdhost_plugin_api::host;
 use std::cell::RefCell;
@@ -29,9 +34,10 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::RwLock;
 
-/// The page size, and the alignment assumed where the kernel does not say.
-const PAGE: u64 = 4096;
+/// The alignment assumed where the kernel does not say.
+const DEFAULT_ALIGN: u64 = 4096;
 
 /// Bounce transfers go in chunks of this much (rounded up to the offset
 /// alignment), so a thread's bounce buffer stays small.
@@ -45,8 +51,11 @@ pub struct DirectIo {
     offset_align: u64,
     /// Buffer addresses must be multiples of this.
     mem_align: usize,
-    /// Whether the kernel has refused an aligned transfer (warned once).
+    /// Whether the kernel has refused an aligned transfer (warned once;
+    /// everything goes through `buffered` since).
     refused: AtomicBool,
+    /// Shared by direct transfers, taken alone by buffered ones.
+    mix: RwLock<()>,
 }
 
 impl DirectIo {
@@ -54,16 +63,32 @@ impl DirectIo {
     /// `buffered` the same file opened without O_DIRECT.
     pub fn new(direct_fd: &File, buffered: File, path: &Path) -> DirectIo {
         let (offset_align, mem_align) = match dio_alignment(direct_fd) {
-            Some((mem, off)) => (u64::from(off).max(PAGE), (mem as usize).max(1)),
+            Some((mem, off)) => (u64::from(off), (mem as usize).max(1)),
             None => {
                 host::debug(&format!(
-                    "{}: the kernel does not report O_DIRECT alignment; assuming {PAGE} bytes",
+                    "{}: the kernel does not report O_DIRECT alignment; assuming {DEFAULT_ALIGN} bytes",
                     path.display()
                 ));
-                (PAGE, PAGE as usize)
+                (DEFAULT_ALIGN, DEFAULT_ALIGN as usize)
             }
         };
-        DirectIo { buffered, offset_align, mem_align, refused: AtomicBool::new(false) }
+        // At least a page, so the aligned path is whole pages.
+        let offset_align = offset_align.max(page_size()).next_power_of_two();
+        DirectIo { buffered, offset_align, mem_align, refused: AtomicBool::new(false), mix: RwLock::new(()) }
+    }
+
+    fn direct_ok(&self, offset: u64, len: usize) -> bool {
+        self.aligned_range(offset, len) && !self.refused.load(Ordering::Relaxed)
+    }
+
+    fn buffered_read(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let _alone = self.mix.write().unwrap_or_else(|e| e.into_inner());
+        self.buffered.read_exact_at(buf, offset)
+    }
+
+    fn buffered_write(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        let _alone = self.mix.write().unwrap_or_else(|e| e.into_inner());
+        self.buffered.write_all_at(buf, offset)
     }
 
     fn aligned_range(&self, offset: u64, len: usize) -> bool {
@@ -80,26 +105,28 @@ impl DirectIo {
 
     /// Read `buf.len()` bytes at `offset`; `direct` is the O_DIRECT descriptor.
     pub fn read(&self, direct: &File, path: &Path, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        if !self.aligned_range(offset, buf.len()) {
-            return self.buffered.read_exact_at(buf, offset);
+        if !self.direct_ok(offset, buf.len()) {
+            return self.buffered_read(buf, offset);
         }
+        let shared = self.mix.read().unwrap_or_else(|e| e.into_inner());
         let r = if self.aligned_buf(buf.as_ptr()) {
-            direct.read_exact_at(buf, offset)
+            read_whole(direct, buf, offset)
         } else {
             with_bounce(self.chunk(), self.mem_align, |bounce| {
                 let chunk = bounce.len();
                 for (i, piece) in buf.chunks_mut(chunk).enumerate() {
                     let b = &mut bounce[..piece.len()];
-                    direct.read_exact_at(b, offset + (i * chunk) as u64)?;
+                    read_whole(direct, b, offset + (i * chunk) as u64)?;
                     piece.copy_from_slice(b);
                 }
                 Ok(())
             })
         };
+        drop(shared);
         match r {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 self.refused(path, &e);
-                self.buffered.read_exact_at(buf, offset)
+                self.buffered_read(buf, offset)
             }
             r => r,
         }
@@ -107,9 +134,10 @@ impl DirectIo {
 
     /// Write `buf` at `offset`; `direct` is the O_DIRECT descriptor.
     pub fn write(&self, direct: &File, path: &Path, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        if !self.aligned_range(offset, buf.len()) {
-            return self.buffered.write_all_at(buf, offset);
+        if !self.direct_ok(offset, buf.len()) {
+            return self.buffered_write(buf, offset);
         }
+        let shared = self.mix.read().unwrap_or_else(|e| e.into_inner());
         let r = if self.aligned_buf(buf.as_ptr()) {
             direct.write_all_at(buf, offset)
         } else {
@@ -123,11 +151,12 @@ impl DirectIo {
                 Ok(())
             })
         };
+        drop(shared);
         match r {
             // Rewriting the whole range is safe: a write is idempotent.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 self.refused(path, &e);
-                self.buffered.write_all_at(buf, offset)
+                self.buffered_write(buf, offset)
             }
             r => r,
         }
@@ -143,6 +172,37 @@ impl DirectIo {
                 self.mem_align
             ));
         }
+    }
+}
+
+/// Fill `buf` from `offset` with direct reads. A short read means the file
+/// ends inside the range (a regular file reads short only at its end):
+/// that is reported as such, rather than retried at an offset that is no
+/// longer aligned (which the kernel would refuse with EINVAL).
+fn read_whole(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(n) if n == buf.len() - done => return Ok(()),
+            Ok(n) if n > 0 && (n as u64).is_multiple_of(DEFAULT_ALIGN) => done += n,
+            Ok(_) => {
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the file ends inside this range"))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The system's page size.
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 {
+        n as u64
+    } else {
+        DEFAULT_ALIGN
     }
 }
 
@@ -244,6 +304,13 @@ mod tests {
         let e = with_bounce(8192, d.mem_align, |b| direct.read_exact_at(b, 100))
             .expect_err("O_DIRECT took an unaligned offset");
         assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+        // A file shrunk under an aligned read: reported as the short file it
+        // is, not retried unaligned (which the kernel refuses) nor taken
+        // for a refusal of O_DIRECT.
+        OpenOptions::new().write(true).open(&path).unwrap().set_len(65536 + 100).unwrap();
+        let e = with_bounce(8192, d.mem_align, |b| d.read(&direct, &path, b, 65536)).expect_err("read past the end");
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}");
+        assert!(!d.refused.load(Ordering::Relaxed), "a short file was taken for a refusal of O_DIRECT");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

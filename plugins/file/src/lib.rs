@@ -167,12 +167,16 @@ pub struct FileHandle {
 
 fn open_one(path: &Path, direct: bool) -> Result<OpenFile> {
     let open = |write: bool, flags: i32| {
-        OpenOptions::new()
-            .read(true)
-            .write(write)
-            .custom_flags(flags)
-            .open(path)
-            .map_err(|e| Error::from_io(format!("opening {}", path.display()), &e))
+        OpenOptions::new().read(true).write(write).custom_flags(flags).open(path).map_err(|e| {
+            if flags & libc::O_DIRECT != 0 && e.raw_os_error() == Some(libc::EINVAL) {
+                Error::invalid(format!(
+                    "{}: this filesystem does not support O_DIRECT; remove `direct = true`",
+                    path.display()
+                ))
+            } else {
+                Error::from_io(format!("opening {}", path.display()), &e)
+            }
+        })
     };
     let flags = if direct { libc::O_DIRECT } else { 0 };
     let (file, writable) = match open(true, flags) {
@@ -181,12 +185,6 @@ fn open_one(path: &Path, direct: bool) -> Result<OpenFile> {
             let f = open(false, flags)?;
             host::warn(&format!("{} is not writable ({e}); serving it read-only", path.display()));
             (f, false)
-        }
-        Err(e) if direct && e.errno == libc::EINVAL => {
-            return Err(Error::invalid(format!(
-                "{}: this filesystem does not support O_DIRECT; remove `direct = true`",
-                path.display()
-            )))
         }
         Err(e) => return Err(e),
     };
