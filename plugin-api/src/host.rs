@@ -81,6 +81,16 @@ pub fn checking_only() -> bool {
     .unwrap_or(false)
 }
 
+/// For [`checking_only`]: whether serving could create `path`, i.e. its
+/// directory exists. The error names both.
+pub fn check_can_create(path: &std::path::Path) -> crate::Result<()> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    if dir.is_dir() {
+        return Ok(());
+    }
+    Err(crate::Error::invalid(format!("cannot create {}: {} is not a directory", path.display(), dir.display())))
+}
+
 /// The message of the last failed call to the layer below a filter, on
 /// this thread (see [`crate::Next`]).
 pub fn last_error() -> Option<String> {

@@ -175,16 +175,15 @@ impl DirectIo {
     }
 }
 
-/// Fill `buf` from `offset` with direct reads. A short read means the file
-/// ends inside the range (a regular file reads short only at its end):
-/// that is reported as such, rather than retried at an offset that is no
-/// longer aligned (which the kernel would refuse with EINVAL).
+/// Fill `buf` from `offset` with one direct read. A short read means the
+/// file ends inside the range (a regular file reads short only at its
+/// end, and our reads are far below the kernel's 2 GiB cap): that is
+/// reported as such, rather than retried at an offset that is no longer
+/// aligned (which the kernel would refuse with EINVAL).
 fn read_whole(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        match f.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(n) if n == buf.len() - done => return Ok(()),
-            Ok(n) if n > 0 && (n as u64).is_multiple_of(DEFAULT_ALIGN) => done += n,
+    loop {
+        match f.read_at(buf, offset) {
+            Ok(n) if n == buf.len() => return Ok(()),
             Ok(_) => {
                 return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the file ends inside this range"))
             }
@@ -192,7 +191,6 @@ fn read_whole(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
             Err(e) => return Err(e),
         }
     }
-    Ok(())
 }
 
 /// The system's page size.

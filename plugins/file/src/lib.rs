@@ -264,14 +264,7 @@ impl Backend for FileBackend {
             for path in paths.iter().filter(|p| !p.exists()) {
                 if host::checking_only() {
                     // `nbdhost --check`: say what would be created, create nothing.
-                    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-                    if !dir.is_dir() {
-                        return Err(Error::invalid(format!(
-                            "cannot create {}: {} is not a directory",
-                            path.display(),
-                            dir.display()
-                        )));
-                    }
+                    host::check_can_create(path)?;
                     host::info(&format!("would create {} ({size} bytes, sparse)", path.display()));
                     continue;
                 }

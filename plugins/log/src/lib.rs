@@ -89,14 +89,7 @@ impl Filter for Log {
             // `nbdhost --check` creates nothing: the directory must be
             // there, and /dev/null stands in for the file (the instance is
             // destroyed unused).
-            let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-            if !dir.is_dir() {
-                return Err(Error::invalid(format!(
-                    "parameter `logfile`: cannot create {}: {} is not a directory",
-                    path.display(),
-                    dir.display()
-                )));
-            }
+            host::check_can_create(&path).map_err(|e| Error::invalid(format!("parameter `logfile`: {}", e.message)))?;
             PathBuf::from("/dev/null")
         } else {
             path.clone()
