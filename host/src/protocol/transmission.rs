@@ -68,13 +68,9 @@ const LEND_MIN: usize = 64 * 1024;
 /// memory the layer lends, in parts of at least this much (or the rest):
 /// one TLS record's worth, so a part is one call, not one per packet.
 const LEND_WRITE_MIN: usize = 16 * 1024;
-/// Data runs copied instead of lent after a lent one did not fit the socket,
-/// at first; see [`LendGovernor`].
-const LEND_SKIP_FIRST: u32 = 8;
-/// The most data runs copied in a row before lending is tried again.
-const LEND_SKIP_MAX: u32 = 4096;
-/// Lent runs that fit the socket in a row that halve the skip.
-const LEND_STREAK_RELIEF: u32 = 64;
+/// One large data run in this many is sent the way that has lately cost
+/// more, to keep its cost up to date; see [`LendGovernor`].
+const LEND_EXPLORE_EVERY: u32 = 32;
 /// Payload buffers kept per connection for reuse.
 const POOLED_PAYLOADS: usize = 4;
 /// How long replies are held back waiting for the next request.
@@ -412,55 +408,98 @@ struct Conn<'a, W: Write> {
     lend: LendGovernor,
 }
 
-/// Decides whether a large data run is lent or copied. Lending pays when
-/// the socket takes the run at once; when it does not (a client slower than
-/// the server) the rest is copied anyway, after an extra send. Measured
-/// (1 MiB reads at depth 8, loopback, 2 cores): one connection gains
-/// 10-30 % by lending, and its socket is full for ~0.1 % of lent runs; two
-/// or four connections whose sockets are full for ~10 % of lent runs lose
-/// 5-30 % against copying every run. So a run that did not fit makes the
-/// next ones copied, 8 at first, twice as many each time it happens again
-/// before 64 runs in a row fitted, up to 4096; each such streak halves it.
-/// Races between the connection's threads only blur the counts.
+/// How a large data run goes out: lent (sent from the layer's memory) or
+/// copied (read into the reply buffer, then sent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RunMode {
+    Lend = 0,
+    Copy = 1,
+}
+
+/// Chooses between lending and copying large data runs by what each has
+/// cost this connection lately: the CPU time of the threads that sent them
+/// (the layer's work, the copy, if any, and the send with its loopback
+/// delivery), per KiB, as a moving average. One run in
+/// [`LEND_EXPLORE_EVERY`] goes the other way, so a change (the client
+/// falls behind and sockets fill, the page cache goes cold) is noticed.
+///
+/// Which way is cheaper depends on the machine, so it is measured rather
+/// than decided once. Lending saves a copy but sends from memory that is
+/// cold in the caches, and what a full socket does not take is copied
+/// after all, with an extra send. On an AMD EPYC (2 vCPUs), lending gained
+/// 10-30 % on one connection and lost 5-30 % on two to four whose sockets
+/// were often full; on an Intel Xeon (2 vCPUs, 2026-12) lending gained
+/// 15-35 % on one connection (1 MiB reads, QD 8; memory, file and cow) and
+/// was even on four, where a rule made on the first machine (copy for a
+/// while after a run the socket did not take whole) copied most runs and
+/// gave the gain away. CPU time, not wall time: time spent waiting for a
+/// slow client to make room is the client's, not a cost of either way.
+/// Races between the connection's threads only blur the averages.
 #[derive(Default)]
 struct LendGovernor {
-    /// Runs still to copy.
-    skip: AtomicU32,
-    /// The skip the next run that does not fit sets (0: the first).
-    penalty: AtomicU32,
-    /// Lent runs that fitted since the last that did not.
-    streak: AtomicU32,
+    /// Moving average of CPU nanoseconds per KiB for each [`RunMode`]
+    /// (0: not measured yet).
+    cost: [AtomicU32; 2],
+    /// Large data runs so far.
+    runs: AtomicU32,
+    /// Of which lent.
+    lent: AtomicU32,
 }
 
 impl LendGovernor {
-    /// Whether to lend this run (false: copy it).
-    fn lend_now(&self) -> bool {
-        let skip = self.skip.load(Ordering::Relaxed);
-        if skip > 0 {
-            self.skip.store(skip - 1, Ordering::Relaxed);
-            return false;
+    /// How to send the next large data run.
+    fn choose(&self) -> RunMode {
+        let n = self.runs.fetch_add(1, Ordering::Relaxed);
+        let lend = self.cost[RunMode::Lend as usize].load(Ordering::Relaxed);
+        let copy = self.cost[RunMode::Copy as usize].load(Ordering::Relaxed);
+        // Lend first; copy once as soon as lending has a figure.
+        let cheaper = match (lend, copy) {
+            (0, _) => return RunMode::Lend,
+            (_, 0) => return RunMode::Copy,
+            (l, c) if l <= c => RunMode::Lend,
+            _ => RunMode::Copy,
+        };
+        if n % LEND_EXPLORE_EVERY == LEND_EXPLORE_EVERY - 1 {
+            return match cheaper {
+                RunMode::Lend => RunMode::Copy,
+                RunMode::Copy => RunMode::Lend,
+            };
         }
-        true
+        cheaper
     }
 
-    /// A lent run went out whole (`fitted`) or only in part.
-    fn record(&self, fitted: bool) {
-        let penalty = self.penalty.load(Ordering::Relaxed);
-        if fitted {
-            let streak = self.streak.load(Ordering::Relaxed) + 1;
-            if streak >= LEND_STREAK_RELIEF {
-                self.penalty.store(penalty / 2, Ordering::Relaxed);
-                self.streak.store(0, Ordering::Relaxed);
-            } else {
-                self.streak.store(streak, Ordering::Relaxed);
-            }
-            return;
-        }
-        let next = if penalty == 0 { LEND_SKIP_FIRST } else { (penalty * 2).min(LEND_SKIP_MAX) };
-        self.penalty.store(next, Ordering::Relaxed);
-        self.streak.store(0, Ordering::Relaxed);
-        self.skip.store(next, Ordering::Relaxed);
+    /// A run of `bytes` sent `mode`'s way cost `cpu_ns` of CPU time.
+    fn record(&self, mode: RunMode, bytes: usize, cpu_ns: u64) {
+        let per_kib = (cpu_ns.saturating_mul(1024) / bytes.max(1) as u64).clamp(1, u32::MAX as u64) as u32;
+        let avg = &self.cost[mode as usize];
+        let old = avg.load(Ordering::Relaxed);
+        // Weight 1/8, and no sample counts for more than twice the average:
+        // a lasting change moves it within a few runs, one outlier (the
+        // thread preempted mid-send, a burst of page faults) does not flip
+        // the choice.
+        let new = if old == 0 { per_kib } else { old - old / 8 + per_kib.min(old.saturating_mul(2)) / 8 };
+        avg.store(new.max(1), Ordering::Relaxed);
     }
+
+    /// What it chose and why, for a connection's debug log.
+    fn log_summary(&self, peer: &str) {
+        let runs = self.runs.load(Ordering::Relaxed);
+        if runs > 0 {
+            log::debug!(
+                "{peer}: large data runs: {} lent, {} copied; CPU per KiB lately: lent {} ns, copied {} ns",
+                self.lent.load(Ordering::Relaxed),
+                runs - self.lent.load(Ordering::Relaxed).min(runs),
+                self.cost[RunMode::Lend as usize].load(Ordering::Relaxed),
+                self.cost[RunMode::Copy as usize].load(Ordering::Relaxed),
+            );
+        }
+    }
+}
+
+/// CPU time the calling thread has used, in nanoseconds.
+fn thread_cpu_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
 /// The bytes of `parts` after the first `skip`, appended to `rest`. The
@@ -594,6 +633,7 @@ impl<'a> Transmission<'a> {
             // Drain: every request read gets its reply before we close.
             conn.close_queue();
             conn.wait_idle();
+            conn.lend.log_summary(self.peer);
             r
         })
     }
@@ -1349,12 +1389,45 @@ impl<'a, W: Write + Send> Conn<'a, W> {
     /// the layer and sent from its memory where possible, else read into
     /// `out`. On failure nothing of it was sent.
     fn data_run(&self, req: &Request, offset: u64, len: usize, done: bool, out: &mut OutBuf) -> Result<(), OpError> {
-        match self.plain {
-            Some(sock) if len >= LEND_MIN && self.layer.caps().lend && can_copy_lent() && self.lend.lend_now() => {
-                self.lend_run(sock, req, offset, len, done, out)
-            }
-            _ => out.data(self.layer, req, offset, len, done),
+        let sock = match self.plain {
+            Some(sock) if len >= LEND_MIN && self.layer.caps().lend && can_copy_lent() => sock,
+            _ => return out.data(self.layer, req, offset, len, done),
+        };
+        let mode = self.lend.choose();
+        if mode == RunMode::Lend {
+            self.lend.lent.fetch_add(1, Ordering::Relaxed);
         }
+        let start = thread_cpu_ns();
+        let r = match mode {
+            RunMode::Lend => self.lend_run(sock, req, offset, len, done, out),
+            RunMode::Copy => self.copy_run(sock, req, offset, len, done, out),
+        };
+        if r.is_ok() {
+            self.lend.record(mode, len, thread_cpu_ns() - start);
+        }
+        r
+    }
+
+    /// Read a data run into `out` and send it with what `out` holds, as
+    /// [`Self::lend_run`] does, so the two cost the same things when the
+    /// [`LendGovernor`] compares them.
+    fn copy_run(
+        &self,
+        sock: &Stream,
+        req: &Request,
+        offset: u64,
+        len: usize,
+        done: bool,
+        out: &mut OutBuf,
+    ) -> Result<(), OpError> {
+        out.data(self.layer, req, offset, len, done)?;
+        if let Err(e) = self.writer.send(out) {
+            // Part of a reply may be on the wire: the stream cannot go on,
+            // and the reader finds out from the socket.
+            log::debug!("{}: writing a reply failed: {e}", self.peer);
+            let _ = sock.shutdown(std::net::Shutdown::Both);
+        }
+        Ok(())
     }
 
     /// Send a data run straight from the layer's memory: what `out` holds,
@@ -1403,7 +1476,6 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                             unreadable = true;
                             return Err(libc::EFAULT);
                         }
-                        self.lend.record(rest.is_empty());
                         Ok(())
                     }
                     Err(e) if e.raw_os_error() == Some(libc::EFAULT) => {
@@ -1556,33 +1628,55 @@ mod tests {
         }
     }
 
-    /// Lent share of 100k runs when `fits(i)` says whether the i-th lent
-    /// run fits the socket.
-    fn lent_share(fits: impl Fn(u32) -> bool) -> f64 {
-        let g = LendGovernor::default();
-        let (mut lent, mut n) = (0u32, 0u32);
-        for _ in 0..100_000 {
-            if g.lend_now() {
-                g.record(fits(lent));
+    /// Runs of 1 MiB through `g` whose CPU cost is `cost(mode, i)` ns for
+    /// the i-th run; the share of them that were lent.
+    fn lent_share(g: &LendGovernor, runs: u32, cost: impl Fn(RunMode, u32) -> u64) -> f64 {
+        let mut lent = 0;
+        for i in 0..runs {
+            let mode = g.choose();
+            if mode == RunMode::Lend {
                 lent += 1;
             }
-            n += 1;
+            g.record(mode, 1 << 20, cost(mode, i));
         }
-        lent as f64 / n as f64
+        lent as f64 / runs as f64
     }
 
     #[test]
-    fn lending_stops_where_sockets_are_often_full_and_stays_where_rarely() {
-        assert_eq!(lent_share(|_| true), 1.0);
-        // One connection, socket full for ~0.1 % of lent runs: lent.
-        assert!(lent_share(|i| i % 1000 != 999) > 0.99);
-        // Several connections, full for ~10 % of lent runs: copied, with a
-        // lent run now and then to look again.
-        let busy = lent_share(|i| i % 10 != 9);
-        assert!(busy < 0.02 && busy > 0.0, "{busy}");
-        // A socket that is always full is looked at again every 4096 runs.
-        let full = lent_share(|_| false);
-        assert!(full > 0.0002 && full < 0.001, "{full}");
+    fn the_cheaper_way_is_chosen_and_the_other_looked_at_now_and_then() {
+        let g = LendGovernor::default();
+        // Both ways are tried at once: lending first, then copying.
+        assert_eq!(g.choose(), RunMode::Lend);
+        g.record(RunMode::Lend, 1 << 20, 200_000);
+        assert_eq!(g.choose(), RunMode::Copy);
+        g.record(RunMode::Copy, 1 << 20, 260_000);
+        // Lending costs less: it gets all runs but the one in 32 that
+        // keeps copying's figure fresh.
+        let share = lent_share(&g, 3200, |m, _| if m == RunMode::Lend { 200_000 } else { 260_000 });
+        assert!((share - 31.0 / 32.0).abs() < 0.005, "{share}");
+        // Sockets fill and lending gets dearer: copying takes over within
+        // a few of lending's own runs...
+        let share = lent_share(&g, 3200, |m, _| if m == RunMode::Lend { 400_000 } else { 260_000 });
+        assert!(share < 1.0 / 32.0 + 0.005 && share > 1.0 / 64.0, "{share}");
+        // ...and gives the runs back when lending is cheap again (it is
+        // looked at once in 32 runs, so that takes a few hundred).
+        let share = lent_share(&g, 3200, |m, _| if m == RunMode::Lend { 150_000 } else { 260_000 });
+        assert!(share > 0.85, "{share}");
+        let share = lent_share(&g, 3200, |m, _| if m == RunMode::Lend { 150_000 } else { 260_000 });
+        assert!((share - 31.0 / 32.0).abs() < 0.005, "{share}");
+    }
+
+    #[test]
+    fn one_outlier_does_not_flip_the_choice() {
+        let g = LendGovernor::default();
+        lent_share(&g, 128, |m, _| if m == RunMode::Lend { 200_000 } else { 240_000 });
+        // A preempted run costs three times as much once.
+        let share = lent_share(&g, 320, |m, i| match (m, i) {
+            (RunMode::Lend, 0) => 600_000,
+            (RunMode::Lend, _) => 200_000,
+            (RunMode::Copy, _) => 240_000,
+        });
+        assert!(share >= 31.0 / 32.0 - 0.005, "{share}");
     }
 
     /// A lent page that faults (a mapped file truncated under the mapping)
