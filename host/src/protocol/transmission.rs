@@ -429,7 +429,7 @@ enum RunMode {
 /// after all, with an extra send. On an AMD EPYC (2 vCPUs), lending gained
 /// 10-30 % on one connection and lost 5-30 % on two to four whose sockets
 /// were often full; on an Intel Xeon (2 vCPUs, 2026-12) lending gained
-/// 15-35 % on one connection (1 MiB reads, QD 8; memory, file and cow) and
+/// 13-35 % on one connection (1 MiB reads, QD 8; memory, file and cow) and
 /// was even on four, where a rule made on the first machine (copy for a
 /// while after a run the socket did not take whole) copied most runs and
 /// gave the gain away. CPU time, not wall time: time spent waiting for a
