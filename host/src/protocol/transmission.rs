@@ -71,6 +71,8 @@ const LEND_WRITE_MIN: usize = 16 * 1024;
 /// One large data run in this many is sent the way that has lately cost
 /// more, to keep its cost up to date; see [`LendGovernor`].
 const LEND_EXPLORE_EVERY: u32 = 32;
+/// Runs sent the cheaper way are timed one in this many.
+const LEND_MEASURE_EVERY: u32 = 4;
 /// Payload buffers kept per connection for reuse.
 const POOLED_PAYLOADS: usize = 4;
 /// How long replies are held back waiting for the next request.
@@ -447,25 +449,29 @@ struct LendGovernor {
 }
 
 impl LendGovernor {
-    /// How to send the next large data run.
-    fn choose(&self) -> RunMode {
+    /// How to send the next large data run, and whether to measure what
+    /// it costs (the thread CPU clock is a system call that may take the
+    /// scheduler's lock: the cheaper way is timed one run in
+    /// [`LEND_MEASURE_EVERY`], the other whenever it is tried).
+    fn choose(&self) -> (RunMode, bool) {
         let n = self.runs.fetch_add(1, Ordering::Relaxed);
         let lend = self.cost[RunMode::Lend as usize].load(Ordering::Relaxed);
         let copy = self.cost[RunMode::Copy as usize].load(Ordering::Relaxed);
         // Lend first; copy once as soon as lending has a figure.
         let cheaper = match (lend, copy) {
-            (0, _) => return RunMode::Lend,
-            (_, 0) => return RunMode::Copy,
+            (0, _) => return (RunMode::Lend, true),
+            (_, 0) => return (RunMode::Copy, true),
             (l, c) if l <= c => RunMode::Lend,
             _ => RunMode::Copy,
         };
         if n % LEND_EXPLORE_EVERY == LEND_EXPLORE_EVERY - 1 {
-            return match cheaper {
+            let other = match cheaper {
                 RunMode::Lend => RunMode::Copy,
                 RunMode::Copy => RunMode::Lend,
             };
+            return (other, true);
         }
-        cheaper
+        (cheaper, n % LEND_MEASURE_EVERY == 0)
     }
 
     /// A run of `bytes` sent `mode`'s way cost `cpu_ns` of CPU time.
@@ -1393,17 +1399,17 @@ impl<'a, W: Write + Send> Conn<'a, W> {
             Some(sock) if len >= LEND_MIN && self.layer.caps().lend && can_copy_lent() => sock,
             _ => return out.data(self.layer, req, offset, len, done),
         };
-        let mode = self.lend.choose();
+        let (mode, measure) = self.lend.choose();
         if mode == RunMode::Lend {
             self.lend.lent.fetch_add(1, Ordering::Relaxed);
         }
-        let start = thread_cpu_ns();
+        let start = measure.then(thread_cpu_ns);
         let r = match mode {
             RunMode::Lend => self.lend_run(sock, req, offset, len, done, out),
             RunMode::Copy => self.copy_run(sock, req, offset, len, done, out),
         };
-        if r.is_ok() {
-            self.lend.record(mode, len, thread_cpu_ns() - start);
+        if let (Ok(()), Some(start)) = (&r, start) {
+            self.lend.record(mode, len, thread_cpu_ns().saturating_sub(start));
         }
         r
     }
@@ -1633,11 +1639,13 @@ mod tests {
     fn lent_share(g: &LendGovernor, runs: u32, cost: impl Fn(RunMode, u32) -> u64) -> f64 {
         let mut lent = 0;
         for i in 0..runs {
-            let mode = g.choose();
+            let (mode, measure) = g.choose();
             if mode == RunMode::Lend {
                 lent += 1;
             }
-            g.record(mode, 1 << 20, cost(mode, i));
+            if measure {
+                g.record(mode, 1 << 20, cost(mode, i));
+            }
         }
         lent as f64 / runs as f64
     }
@@ -1645,10 +1653,11 @@ mod tests {
     #[test]
     fn the_cheaper_way_is_chosen_and_the_other_looked_at_now_and_then() {
         let g = LendGovernor::default();
-        // Both ways are tried at once: lending first, then copying.
-        assert_eq!(g.choose(), RunMode::Lend);
+        // Both ways are tried (and timed) at once: lending first, then
+        // copying.
+        assert_eq!(g.choose(), (RunMode::Lend, true));
         g.record(RunMode::Lend, 1 << 20, 200_000);
-        assert_eq!(g.choose(), RunMode::Copy);
+        assert_eq!(g.choose(), (RunMode::Copy, true));
         g.record(RunMode::Copy, 1 << 20, 260_000);
         // Lending costs less: it gets all runs but the one in 32 that
         // keeps copying's figure fresh.
@@ -1667,12 +1676,33 @@ mod tests {
     }
 
     #[test]
+    fn the_clock_is_read_for_one_cheaper_run_in_four_and_every_other_one() {
+        let g = LendGovernor::default();
+        lent_share(&g, 2, |_, _| 200_000);
+        let (mut timed, mut timed_other) = (0, 0);
+        for _ in 0..3200 {
+            let (mode, measure) = g.choose();
+            if measure {
+                timed += 1;
+                if mode == RunMode::Copy {
+                    timed_other += 1;
+                }
+                g.record(mode, 1 << 20, if mode == RunMode::Lend { 200_000 } else { 260_000 });
+            }
+        }
+        assert_eq!(timed_other, 100, "every one of the 100 copied runs");
+        // Runs 2..3202 of the connection: the multiples of 4 among them.
+        assert_eq!(timed, 100 + 800, "{timed}");
+    }
+
+    #[test]
     fn one_outlier_does_not_flip_the_choice() {
         let g = LendGovernor::default();
         lent_share(&g, 128, |m, _| if m == RunMode::Lend { 200_000 } else { 240_000 });
-        // A preempted run costs three times as much once.
+        // A preempted run costs three times as much once (one of the first
+        // four runs is timed).
         let share = lent_share(&g, 320, |m, i| match (m, i) {
-            (RunMode::Lend, 0) => 600_000,
+            (RunMode::Lend, 0..4) => 600_000,
             (RunMode::Lend, _) => 200_000,
             (RunMode::Copy, _) => 240_000,
         });
