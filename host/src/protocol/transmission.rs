@@ -423,7 +423,10 @@ enum RunMode {
 /// (the layer's work, the copy, if any, and the send with its loopback
 /// delivery), per KiB, as a moving average. One run in
 /// [`LEND_EXPLORE_EVERY`] goes the other way, so a change (the client
-/// falls behind and sockets fill, the page cache goes cold) is noticed.
+/// falls behind and sockets fill) is noticed. What the clock cannot see:
+/// a lent run of a mapped file whose pages are not in the page cache
+/// waits for the disk inside the send, holding the connection's reply
+/// lock, and that wait is not CPU time.
 ///
 /// Which way is cheaper depends on the machine, so it is measured rather
 /// than decided once. Lending saves a copy but sends from memory that is
@@ -439,9 +442,12 @@ enum RunMode {
 /// Races between the connection's threads only blur the averages.
 #[derive(Default)]
 struct LendGovernor {
-    /// Moving average of CPU nanoseconds per KiB for each [`RunMode`]
+    /// Moving average of CPU time per KiB for each [`RunMode`], in 1/16
+    /// ns so the average does not stick up to 8 units off the samples
     /// (0: not measured yet).
     cost: [AtomicU32; 2],
+    /// Samples taken of each [`RunMode`].
+    samples: [AtomicU32; 2],
     /// Large data runs so far.
     runs: AtomicU32,
     /// Of which lent.
@@ -471,13 +477,20 @@ impl LendGovernor {
             };
             return (other, true);
         }
-        (cheaper, n % LEND_MEASURE_EVERY == 0)
+        (cheaper, n.is_multiple_of(LEND_MEASURE_EVERY))
     }
 
     /// A run of `bytes` sent `mode`'s way cost `cpu_ns` of CPU time.
     fn record(&self, mode: RunMode, bytes: usize, cpu_ns: u64) {
-        let per_kib = (cpu_ns.saturating_mul(1024) / bytes.max(1) as u64).clamp(1, u32::MAX as u64) as u32;
+        let per_kib = (cpu_ns.saturating_mul(1024 * 16) / bytes.max(1) as u64).clamp(1, u32::MAX as u64) as u32;
         let avg = &self.cost[mode as usize];
+        // Each way's first run also pays for warming up (a reply buffer
+        // grown to 1 MiB, its pages faulted in): the second sample
+        // replaces it instead of being averaged with it.
+        if self.samples[mode as usize].fetch_add(1, Ordering::Relaxed) < 2 {
+            avg.store(per_kib, Ordering::Relaxed);
+            return;
+        }
         let old = avg.load(Ordering::Relaxed);
         // Weight 1/8, and no sample counts for more than twice the average:
         // a lasting change moves it within a few runs, one outlier (the
@@ -495,8 +508,8 @@ impl LendGovernor {
                 "{peer}: large data runs: {} lent, {} copied; CPU per KiB lately: lent {} ns, copied {} ns",
                 self.lent.load(Ordering::Relaxed),
                 runs - self.lent.load(Ordering::Relaxed).min(runs),
-                self.cost[RunMode::Lend as usize].load(Ordering::Relaxed),
-                self.cost[RunMode::Copy as usize].load(Ordering::Relaxed),
+                self.cost[RunMode::Lend as usize].load(Ordering::Relaxed) / 16,
+                self.cost[RunMode::Copy as usize].load(Ordering::Relaxed) / 16,
             );
         }
     }
@@ -808,7 +821,9 @@ impl<'a, W: Write + Send> Conn<'a, W> {
             }
             held.requests += 1;
             held.cost += cost;
-            if out.used >= BATCH_BYTES || out.replies >= BATCH_REPLIES {
+            // An empty buffer here means a large read sent everything held
+            // along with its data: those requests are done.
+            if out.is_empty() || out.used >= BATCH_BYTES || out.replies >= BATCH_REPLIES {
                 self.flush(out, held)?;
             }
         }
@@ -1400,18 +1415,22 @@ impl<'a, W: Write + Send> Conn<'a, W> {
             _ => return out.data(self.layer, req, offset, len, done),
         };
         let (mode, measure) = self.lend.choose();
-        if mode == RunMode::Lend {
-            self.lend.lent.fetch_add(1, Ordering::Relaxed);
-        }
         let start = measure.then(thread_cpu_ns);
-        let r = match mode {
-            RunMode::Lend => self.lend_run(sock, req, offset, len, done, out),
-            RunMode::Copy => self.copy_run(sock, req, offset, len, done, out),
+        let went_its_way = match mode {
+            RunMode::Lend => self.lend_run(sock, req, offset, len, done, out)?,
+            RunMode::Copy => self.copy_run(sock, req, offset, len, done, out).map(|()| true)?,
         };
-        if let (Ok(()), Some(start)) = (&r, start) {
-            self.lend.record(mode, len, thread_cpu_ns().saturating_sub(start));
+        // A run the layer declined to lend was only read, not sent: it says
+        // nothing about what either way costs.
+        if went_its_way {
+            if mode == RunMode::Lend {
+                self.lend.lent.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Some(start) = start {
+                self.lend.record(mode, len, thread_cpu_ns().saturating_sub(start));
+            }
         }
-        r
+        Ok(())
     }
 
     /// Read a data run into `out` and send it with what `out` holds, as
@@ -1441,7 +1460,8 @@ impl<'a, W: Write + Send> Conn<'a, W> {
     /// send while the layer keeps them stable; whatever the socket did not
     /// take is copied and sent after the layer lets go, so a slow client
     /// never makes the layer hold its locks. The reply lock is held
-    /// throughout, so nothing interleaves.
+    /// throughout, so nothing interleaves. False if the layer declined to
+    /// lend: the run was then read into `out`, to go out with it.
     fn lend_run(
         &self,
         sock: &Stream,
@@ -1450,7 +1470,7 @@ impl<'a, W: Write + Send> Conn<'a, W> {
         len: usize,
         done: bool,
         out: &mut OutBuf,
-    ) -> Result<(), OpError> {
+    ) -> Result<bool, OpError> {
         let mark = (out.used, out.replies);
         out.data_header(req, offset, len, done);
         let mut w = self.writer.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -1503,7 +1523,7 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                 // is read the usual way, without the reply lock held.
                 drop(rest);
                 drop(w);
-                return out.data(self.layer, req, offset, len, done);
+                return out.data(self.layer, req, offset, len, done).map(|()| false);
             }
             if unreadable {
                 return Err(cannot_be_read());
@@ -1545,7 +1565,7 @@ impl<'a, W: Write + Send> Conn<'a, W> {
         if fails_alone {
             return Err(cannot_be_read());
         }
-        Ok(())
+        Ok(true)
     }
 
     fn holes(req: &Request, mut off: u64, mut len: u64, done: bool, out: &mut OutBuf) {
@@ -1693,6 +1713,20 @@ mod tests {
         assert_eq!(timed_other, 100, "every one of the 100 copied runs");
         // Runs 2..3202 of the connection: the multiples of 4 among them.
         assert_eq!(timed, 100 + 800, "{timed}");
+    }
+
+    #[test]
+    fn a_first_run_that_paid_for_warming_up_is_forgotten() {
+        let g = LendGovernor::default();
+        g.record(RunMode::Lend, 1 << 20, 200_000);
+        // Copying's first run grew the reply buffer: ten times the cost.
+        g.record(RunMode::Copy, 1 << 20, 1_500_000);
+        g.record(RunMode::Lend, 1 << 20, 200_000);
+        g.record(RunMode::Copy, 1 << 20, 150_000);
+        let c = |m: RunMode| g.cost[m as usize].load(Ordering::Relaxed);
+        assert_eq!(c(RunMode::Copy), 150_000 * 16 / 1024);
+        assert!(c(RunMode::Copy) < c(RunMode::Lend));
+        assert_eq!(g.choose().0, RunMode::Copy);
     }
 
     #[test]
