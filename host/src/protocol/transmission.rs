@@ -595,6 +595,34 @@ fn voluntary_switches() -> std::ffi::c_long {
     getrusage(UsageWho::RUSAGE_THREAD).map_or(0, |u| u.voluntary_context_switches())
 }
 
+thread_local! {
+    /// Voluntary switches of this thread spent waiting for a client to take
+    /// read data that a request's own read sent ([`Conn::data_run`]).
+    static CLIENT_WAITS: std::cell::Cell<std::ffi::c_long> = const { std::cell::Cell::new(0) };
+}
+
+/// [`voluntary_switches`] less those spent waiting for a client to take
+/// the read data a request sent itself: a large read sends its own data,
+/// and a full socket there is the client's pace, not a layer that sleeps.
+/// Counted as sleeping, it sent reads to workers, where large ones are
+/// split and copied (a third of 1 MiB reads with four connections).
+fn layer_sleeps() -> std::ffi::c_long {
+    voluntary_switches() - CLIENT_WAITS.with(|w| w.get())
+}
+
+/// Run `send` (a blocking write of read data to the client), leaving the
+/// sleeps it takes out of [`layer_sleeps`] when `measuring`.
+fn waiting_for_client<T>(measuring: bool, send: impl FnOnce() -> T) -> T {
+    if !measuring {
+        return send();
+    }
+    let before = voluntary_switches();
+    let r = send();
+    let waited = voluntary_switches() - before;
+    CLIENT_WAITS.with(|w| w.set(w.get() + waited));
+    r
+}
+
 /// Per-connection transmission state and entry point.
 pub struct Transmission<'a> {
     session: &'a Session,
@@ -931,7 +959,7 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                     }
                 }
             });
-            slept |= start.is_some_and(|before| voluntary_switches() > before);
+            slept |= start.is_some_and(|before| layer_sleeps() > before);
             if let Some(e) = broken {
                 return Err(e);
             }
@@ -1002,13 +1030,13 @@ impl<'a, W: Write + Send> Conn<'a, W> {
 
     /// Where a request's measurement starts (parallel pipelines only).
     fn start_measuring(&self) -> Option<std::ffi::c_long> {
-        self.parallel.then(voluntary_switches)
+        self.parallel.then(layer_sleeps)
     }
 
     /// Feed whether a request slept into its kind's moving average.
     fn record(&self, command: u16, start: Option<std::ffi::c_long>) {
         let Some(before) = start else { return };
-        self.note_slept(command, voluntary_switches() > before);
+        self.note_slept(command, layer_sleeps() > before);
     }
 
     /// Feed whether a request slept into its kind's moving average
@@ -1446,7 +1474,7 @@ impl<'a, W: Write + Send> Conn<'a, W> {
         out: &mut OutBuf,
     ) -> Result<(), OpError> {
         out.data(self.layer, req, offset, len, done)?;
-        if let Err(e) = self.writer.send(out) {
+        if let Err(e) = waiting_for_client(self.parallel, || self.writer.send(out)) {
             // Part of a reply may be on the wire: the stream cannot go on,
             // and the reader finds out from the socket.
             log::debug!("{}: writing a reply failed: {e}", self.peer);
@@ -1548,7 +1576,9 @@ impl<'a, W: Write + Send> Conn<'a, W> {
         out.clear();
         let finished = match broken {
             Some(e) => Err(e),
-            None => w.write_all(&rest).and_then(|()| w.flush()),
+            None => {
+                waiting_for_client(self.parallel && !rest.is_empty(), || w.write_all(&rest).and_then(|()| w.flush()))
+            }
         };
         if rest.capacity() > RETAIN_BYTES {
             *rest = Vec::new();
@@ -1969,6 +1999,22 @@ mod tests {
         }
         std::hint::black_box(x);
         assert_eq!(voluntary_switches(), before, "computing never gives the CPU up voluntarily");
+    }
+
+    /// A read that waits for its client to take the data it sends has not
+    /// slept in the layer; waiting elsewhere still counts.
+    #[test]
+    fn waiting_for_the_client_is_not_the_layer_sleeping() {
+        let nap = || std::thread::sleep(std::time::Duration::from_millis(2));
+        let before = layer_sleeps();
+        waiting_for_client(true, nap);
+        assert_eq!(layer_sleeps(), before, "a wait for the client is left out");
+        nap();
+        assert!(layer_sleeps() > before, "a wait in the layer counts");
+        // Where nothing is measured the wait is not even looked at.
+        let before = layer_sleeps();
+        waiting_for_client(false, nap);
+        assert!(layer_sleeps() > before);
     }
 
     #[test]
