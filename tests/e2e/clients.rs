@@ -236,13 +236,9 @@ fn nbdcopy_writes_land_in_lent_memory_over_tcp_and_unix() {
         let back = ex.path(&format!("back-{how}.img"));
         run_ok("nbdcopy", &[&uri, back.to_str().unwrap()]);
         assert!(std::fs::read(&back).unwrap() == data, "{how}: data read back differs");
-        // The log is read by another thread: give it a moment.
-        let lent = || srv.log().matches("mem: pwrite_lend").count() - before;
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while lent() < 16 && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        let lent = lent();
+        let lent = |log: &str| log.matches("mem: pwrite_lend").count() - before;
+        srv.wait_for(|log| lent(log) >= 16);
+        let lent = lent(&srv.log());
         assert!(lent >= 16, "{how}: only {lent} parts of 16 1 MiB writes were received into lent memory");
     }
 }
@@ -269,9 +265,9 @@ fn large_reads_arrive_intact_both_lent_and_copied() {
     let src = ex.path("src.img");
     std::fs::write(&src, &data).unwrap();
     // (lent, copied) runs over the connections whose peer starts so.
-    let runs = |peer: &str| {
+    let runs = |log: &str, peer: &str| {
         let (mut lent, mut copied) = (0u64, 0u64);
-        for line in srv.log().lines().filter(|l| l.contains(&format!("] {peer}")) && l.contains("large data runs:")) {
+        for line in log.lines().filter(|l| l.contains(&format!("] {peer}")) && l.contains("large data runs:")) {
             let words: Vec<&str> = line.split_whitespace().collect();
             let at = words.iter().position(|w| *w == "runs:").unwrap();
             lent += words[at + 1].parse::<u64>().unwrap();
@@ -283,20 +279,17 @@ fn large_reads_arrive_intact_both_lent_and_copied() {
         let unix = format!("nbd+unix:///{export}?socket={}", sock.display());
         for (peer, uri) in [("127.0.0.1:", srv.uri(export)), ("unix", unix)] {
             run_ok("nbdcopy", &[src.to_str().unwrap(), &uri]);
-            let before = runs(peer);
+            let before = runs(&srv.log(), peer);
             let back = ex.path(&format!("back-{export}-{}.img", peer.trim_end_matches(':')));
             run_ok("nbdcopy", &["--request-size=262144", "--requests=8", &uri, back.to_str().unwrap()]);
             assert!(std::fs::read(&back).unwrap() == data, "{export} over {peer}: data read back differs");
-            // Summaries are logged as connections end, read by another thread.
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-            let (lent, copied) = loop {
-                let now = runs(peer);
-                let got = (now.0 - before.0, now.1 - before.1);
-                if got.0 + got.1 >= 64 || std::time::Instant::now() > deadline {
-                    break got;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(20));
+            // Summaries are logged as connections end.
+            let since = |log: &str| {
+                let now = runs(log, peer);
+                (now.0 - before.0, now.1 - before.1)
             };
+            srv.wait_for(|log| since(log).0 + since(log).1 >= 64);
+            let (lent, copied) = since(&srv.log());
             assert_eq!(lent + copied, 64, "{export} over {peer}: 64 reads of 256 KiB\n{}", srv.log());
             assert!(lent > 0 && copied > 0, "{export} over {peer}: {lent} lent, {copied} copied");
         }

@@ -214,9 +214,15 @@ impl Server {
 
     /// Wait (at most 5 s) until the log contains `needle`.
     pub fn wait_for_log(&self, needle: &str) -> bool {
+        self.wait_for(|log| log.contains(needle))
+    }
+
+    /// Wait (at most 5 s) until `done` holds for the log so far (it is
+    /// read by another thread, so lines arrive a moment after the fact).
+    pub fn wait_for(&self, done: impl Fn(&str) -> bool) -> bool {
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
-            if self.log().contains(needle) {
+            if done(&self.log()) {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(20));

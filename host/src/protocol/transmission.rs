@@ -496,8 +496,8 @@ impl LendGovernor {
         // a lasting change moves it within a few runs, one outlier (the
         // thread preempted mid-send, a burst of page faults) does not flip
         // the choice.
-        let new = if old == 0 { per_kib } else { old - old / 8 + per_kib.min(old.saturating_mul(2)) / 8 };
-        avg.store(new.max(1), Ordering::Relaxed);
+        // (`old` is at least 1 here, and so is what it becomes.)
+        avg.store(old - old / 8 + per_kib.min(old.saturating_mul(2)) / 8, Ordering::Relaxed);
     }
 
     /// What it chose and why, for a connection's debug log.
@@ -1475,12 +1475,17 @@ impl<'a, W: Write + Send> Conn<'a, W> {
     ) -> Result<(), OpError> {
         out.data(self.layer, req, offset, len, done)?;
         if let Err(e) = waiting_for_client(self.parallel, || self.writer.send(out)) {
-            // Part of a reply may be on the wire: the stream cannot go on,
-            // and the reader finds out from the socket.
-            log::debug!("{}: writing a reply failed: {e}", self.peer);
-            let _ = sock.shutdown(std::net::Shutdown::Both);
+            self.end_stream(sock, &e);
         }
         Ok(())
+    }
+
+    /// A write of read data failed with part of a reply possibly on the
+    /// wire: the stream cannot go on. Shut the socket, so the reader finds
+    /// out from it and the connection ends.
+    fn end_stream(&self, sock: &Stream, e: &io::Error) {
+        log::debug!("{}: writing a reply failed: {e}", self.peer);
+        let _ = sock.shutdown(std::net::Shutdown::Both);
     }
 
     /// Send a data run straight from the layer's memory: what `out` holds,
@@ -1584,9 +1589,7 @@ impl<'a, W: Write + Send> Conn<'a, W> {
             *rest = Vec::new();
         }
         if let Err(e) = finished {
-            // Part of a chunk is on the wire: the stream cannot go on.
-            log::debug!("{}: writing a reply failed: {e}", self.peer);
-            let _ = sock.shutdown(std::net::Shutdown::Both);
+            self.end_stream(sock, &e);
         } else if unreadable && !fails_alone {
             // Held replies before this run went out whole; this run's chunk
             // is cut short, so the client must see the stream end here.
