@@ -713,13 +713,17 @@ impl CheckedLayer {
     /// they go to, which `sink` fills (only if [`Capabilities::lend_write`]);
     /// the same checks as [`Self::write`]. One client write may come as
     /// several parts: native FUA goes with each, an emulated one is a
-    /// single flush after the `last`.
+    /// single flush after the `last`. `kernel_fill`: `sink` fills only
+    /// through the kernel (ABI 1.5 `FLAG_KERNEL_FILL`), so the layer may
+    /// lend memory that can fault. The layer may decline (`NotSup` with
+    /// `sink` not run): write that part with [`Self::write`].
     pub fn write_lend(
         &self,
         len: u64,
         offset: u64,
         fua: bool,
         last: bool,
+        kernel_fill: bool,
         sink: &mut LendFiller<'_>,
     ) -> Result<(), OpError> {
         self.check_write(len, offset)?;
@@ -727,8 +731,9 @@ impl CheckedLayer {
             return Ok(());
         }
         let _g = self.lock.enter();
-        log::trace!("{}: pwrite_lend {}+{} fua={}", self.name, offset, len, fua);
-        self.inner.pwrite_lend(len, offset, self.fua_flag(fua), sink)?;
+        log::trace!("{}: pwrite_lend {}+{} fua={} kernel_fill={}", self.name, offset, len, fua, kernel_fill);
+        let flags = self.fua_flag(fua) | if kernel_fill { abi::FLAG_KERNEL_FILL } else { 0 };
+        self.inner.pwrite_lend(len, offset, flags, sink)?;
         self.after_write(fua && last)
     }
 

@@ -134,14 +134,25 @@ impl<R: Read> RequestReader<R> {
     /// takes): never waits. `WouldBlock` if less was here than asked for,
     /// `UnexpectedEof` if the stream ended. `got` counts the bytes taken,
     /// whatever the outcome, so the caller can skip the rest.
-    pub fn read_pieces_now(&mut self, pieces: &mut [&mut [u8]], got: &mut usize) -> io::Result<()>
+    /// `kernel_only`: the pieces are a layer's memory that may fault (a
+    /// file mapping), so they are filled only by the kernel (the socket
+    /// read, and [`fill_lent`] for buffered input) and a fault is `EFAULT`,
+    /// with the bytes not taken still in the stream, instead of a SIGBUS.
+    pub fn read_pieces_now(&mut self, pieces: &mut [&mut [u8]], got: &mut usize, kernel_only: bool) -> io::Result<()>
     where
         R: PendingInput,
     {
         let (mut idx, mut at) = (0, 0);
         while idx < pieces.len() && (at == pieces[idx].len() || !self.buffer().is_empty()) {
             let n = (pieces[idx].len() - at).min(self.filled - self.pos);
-            pieces[idx][at..at + n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+            let (src, dst) = (&self.buf[self.pos..self.pos + n], &mut pieces[idx][at..at + n]);
+            if kernel_only {
+                // What it could not fill stays buffered, for the caller
+                // to drop with the rest of the payload.
+                fill_lent(src, dst)?;
+            } else {
+                dst.copy_from_slice(src);
+            }
             self.consume(n);
             (at, *got) = (at + n, *got + n);
             if at == pieces[idx].len() {
@@ -180,6 +191,42 @@ impl<R: Read> RequestReader<R> {
         }
         Ok(())
     }
+}
+
+/// Copy `src` into `dst`, memory a layer lent for a write, by asking the
+/// kernel to (`process_vm_writev` on ourselves): where a CPU store to an
+/// unbacked page of a mapped file raises SIGBUS, the kernel's copy stops
+/// with `EFAULT`.
+pub fn fill_lent(src: &[u8], dst: &mut [u8]) -> io::Result<()> {
+    use nix::sys::uio::{process_vm_writev, RemoteIoVec};
+    debug_assert_eq!(src.len(), dst.len());
+    let mut done = 0;
+    while done < src.len() {
+        let local = [io::IoSlice::new(&src[done..])];
+        let remote = [RemoteIoVec { base: dst[done..].as_mut_ptr() as usize, len: src.len() - done }];
+        match process_vm_writev(nix::unistd::Pid::this(), &local, &remote) {
+            Ok(0) => return Err(io::Error::from_raw_os_error(libc::EFAULT)),
+            Ok(n) => done += n,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Whether [`fill_lent`] works here (a seccomp filter may refuse
+/// `process_vm_writev`). Without it, writes are never received into memory
+/// that may fault.
+pub fn can_fill_lent() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        let mut out = [0u8; 8];
+        let ok = fill_lent(&[1u8; 8], &mut out).is_ok() && out == [1u8; 8];
+        if !ok {
+            log::warn!("process_vm_writev is not available: writes are not received into mapped files");
+        }
+        ok
+    })
 }
 
 /// The error for a client that closed its end in the middle of a request.
@@ -680,22 +727,48 @@ mod tests {
 
     #[test]
     fn request_reader_fills_pieces_from_its_buffer_then_in_one_go_from_the_source() {
-        let all: Vec<u8> = (0..40u8).collect();
-        let mut r = RequestReader::with_capacity(8, pieces(&[&all[..6], &all[6..]]));
-        assert_eq!(r.fill_more().unwrap(), 6);
-        r.consume(1);
-        // 5 buffered bytes, then the source; an empty piece on the way.
-        let (mut p1, mut p2, mut p3, mut p4) = ([0u8; 3], [0u8; 0], [0u8; 10], [0u8; 20]);
+        for kernel_only in [false, true] {
+            let all: Vec<u8> = (0..40u8).collect();
+            let mut r = RequestReader::with_capacity(8, pieces(&[&all[..6], &all[6..]]));
+            assert_eq!(r.fill_more().unwrap(), 6);
+            r.consume(1);
+            // 5 buffered bytes, then the source; an empty piece on the way.
+            let (mut p1, mut p2, mut p3, mut p4) = ([0u8; 3], [0u8; 0], [0u8; 10], [0u8; 20]);
+            let mut got = 0;
+            r.read_pieces_now(&mut [&mut p1, &mut p2, &mut p3, &mut p4], &mut got, kernel_only).unwrap();
+            assert_eq!(got, 33);
+            assert_eq!(&p1, &all[1..4]);
+            assert_eq!(&p3, &all[4..14]);
+            assert_eq!(&p4, &all[14..34]);
+            assert!(r.buffer().is_empty());
+            let mut got = 0;
+            let e = r.read_pieces_now(&mut [&mut [0u8; 7]], &mut got, kernel_only).unwrap_err();
+            assert_eq!((e.kind(), got), (io::ErrorKind::UnexpectedEof, 6), "6 bytes left, 7 asked");
+        }
+    }
+
+    /// Lent memory that faults (a mapped file truncated under the
+    /// mapping), filled from buffered input: `EFAULT`, not SIGBUS, and the
+    /// bytes that did not go in are still there to be dropped.
+    #[test]
+    fn filling_lent_memory_that_faults_is_an_error_not_a_crash() {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(2 * 4096).unwrap();
+        // SAFETY: a shared writable mapping of a file only this test uses;
+        // its second page is made to fault on purpose and only the kernel
+        // (process_vm_writev) writes to it.
+        let mut map = unsafe { memmap2::MmapOptions::new().len(2 * 4096).map_mut(&file) }.unwrap();
+        file.set_len(4096).unwrap();
+        let all = [5u8; 20];
+        let mut r = RequestReader::with_capacity(32, pieces(&[&all]));
+        assert_eq!(r.fill_more().unwrap(), 20);
+        let (good, bad) = map.split_at_mut(4096);
         let mut got = 0;
-        r.read_pieces_now(&mut [&mut p1, &mut p2, &mut p3, &mut p4], &mut got).unwrap();
-        assert_eq!(got, 33);
-        assert_eq!(&p1, &all[1..4]);
-        assert_eq!(&p3, &all[4..14]);
-        assert_eq!(&p4, &all[14..34]);
-        assert!(r.buffer().is_empty());
-        let mut got = 0;
-        let e = r.read_pieces_now(&mut [&mut [0u8; 7]], &mut got).unwrap_err();
-        assert_eq!((e.kind(), got), (io::ErrorKind::UnexpectedEof, 6), "6 bytes left, 7 asked");
+        let e = r.read_pieces_now(&mut [&mut good[4086..], &mut bad[..10]], &mut got, true).unwrap_err();
+        assert_eq!((e.raw_os_error(), got), (Some(libc::EFAULT), 10));
+        assert!(good[4086..].iter().all(|&x| x == 5));
+        assert_eq!(r.buffer().len(), 10, "what did not go in is still buffered");
+        assert!(can_fill_lent());
     }
 
     /// Less here than promised (a count that was wrong): the read stops
@@ -706,7 +779,7 @@ mod tests {
         assert_eq!(r.fill_more().unwrap(), 4);
         let (mut a, mut b) = ([0u8; 5], [0u8; 3]);
         let mut got = 0;
-        let e = r.read_pieces_now(&mut [&mut a, &mut b], &mut got).unwrap_err();
+        let e = r.read_pieces_now(&mut [&mut a, &mut b], &mut got, false).unwrap_err();
         assert_eq!((e.kind(), got), (io::ErrorKind::WouldBlock, 6));
         assert_eq!((&a, &b[..1]), (b"abcde", &b"f"[..]));
         let mut rest = [0u8; 2];

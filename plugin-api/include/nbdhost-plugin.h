@@ -58,7 +58,7 @@ extern "C" {
 /** Major version: bumped only for incompatible changes. */
 #define NBDHOST_ABI_MAJOR 1
 /** Minor version: bumped when fields are appended to a table. */
-#define NBDHOST_ABI_MINOR 4
+#define NBDHOST_ABI_MINOR 5
 
 /** Name of the single symbol a plugin exports. */
 #define NBDHOST_ENTRY_POINT "nbdhost_plugin_entry"
@@ -99,6 +99,12 @@ extern "C" {
 #define NBDHOST_FLAG_FAST_ZERO (1u << 2)
 /** extents: only the first extent is needed. */
 #define NBDHOST_FLAG_REQ_ONE (1u << 3)
+/** pwrite_lend (ABI 1.5): the host fills this call's pieces only through
+ * the kernel, so a piece that faults (a file mapping past a shrunk file's
+ * end, a hole with no room to allocate) fails the write with EIO instead
+ * of killing the server. Without it, lend only memory that cannot fault,
+ * or decline. */
+#define NBDHOST_FLAG_KERNEL_FILL (1u << 4)
 
 /* Extent flags, for sink->add. */
 /** Not allocated. */
@@ -386,9 +392,14 @@ struct nbdhost_plugin_table {
    * The host only calls it with data that has already arrived (the wait
    * is a copy, never the network) and may split one client write into
    * several calls. If sink fails the pieces may hold part of the data, as
-   * after a failed pwrite. On failure return an errno without calling it.
-   * Flags: NBDHOST_FLAG_FUA (only if can_fua said NATIVE). The host still
-   * uses pwrite where lending does not suit it (small or buffered writes). */
+   * after a failed pwrite. On failure return an errno without calling it;
+   * from ABI 1.5 on, ENOTSUP returned without calling it declines (the
+   * host receives the data into its own buffer and calls pwrite; a host
+   * before 1.5 fails the write instead, so only offer pwrite_lend to a
+   * host whose abi_minor is 5 or more if you decline). Flags:
+   * NBDHOST_FLAG_FUA (only if can_fua said NATIVE),
+   * NBDHOST_FLAG_KERNEL_FILL. The host still uses pwrite where lending
+   * does not suit it (small or buffered writes). */
   int (*pwrite_lend) (nbdhost_handle h, uint64_t count, uint64_t offset, uint32_t flags,
                       nbdhost_lend_sink_mut sink, void *ctx);
 };

@@ -485,6 +485,11 @@ pub unsafe fn entry<B: Backend>(host: *const HostApi, ops: OptionalOps) -> *cons
         return std::ptr::null();
     }
     crate::host::install(host);
+    // SAFETY: as above.
+    let host_minor = unsafe { (*host).abi_minor };
+    // Before ABI 1.5 a host failed a write whose `pwrite_lend` declined;
+    // such a host gets no `pwrite_lend` and writes with `pwrite`.
+    let pwrite_lend = if host_minor >= 5 { ops.pwrite_lend } else { None };
     let t = TABLE.0.get_or_init(|| PluginTable {
         abi_major: abi::ABI_MAJOR,
         abi_minor: abi::ABI_MINOR,
@@ -520,7 +525,7 @@ pub unsafe fn entry<B: Backend>(host: *const HostApi, ops: OptionalOps) -> *cons
         extents: ops.extents,
         cache: ops.cache,
         pread_lend: ops.pread_lend,
-        pwrite_lend: ops.pwrite_lend,
+        pwrite_lend,
     });
     t as *const PluginTable
 }

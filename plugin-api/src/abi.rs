@@ -51,7 +51,11 @@ pub const ABI_MAJOR: u16 = 1;
 /// * 1.2: `PluginTable::pwrite_lend`.
 /// * 1.3: `FilterTable::pread_lend` and `NextOps::pread_lend`.
 /// * 1.4: `HostApi::checking_only`.
-pub const ABI_MINOR: u16 = 4;
+/// * 1.5: `pwrite_lend` may decline (`ENOTSUP` before its sink) and gets
+///   [`FLAG_KERNEL_FILL`]; no table changes. The plugin-api offers a
+///   backend's `pwrite_lend` only to hosts of 1.5 or later, which honour
+///   the decline.
+pub const ABI_MINOR: u16 = 5;
 
 /// Name of the single symbol a plugin exports (without the trailing NUL).
 pub const ENTRY_POINT: &str = "nbdhost_plugin_entry";
@@ -98,6 +102,13 @@ pub const FLAG_MAY_TRIM: u32 = 1 << 1;
 pub const FLAG_FAST_ZERO: u32 = 1 << 2;
 /// `extents`: only the first extent is needed.
 pub const FLAG_REQ_ONE: u32 = 1 << 3;
+/// `pwrite_lend` (ABI 1.5): the host fills this call's pieces only through
+/// the kernel (socket reads, `process_vm_writev`), so a piece that faults
+/// (a file mapping past a shrunk file's end, or a hole the filesystem has
+/// no room to allocate) fails this write with `EIO` instead of killing
+/// the server. Without it the host may copy with ordinary stores: lend
+/// only memory that cannot fault, or decline.
+pub const FLAG_KERNEL_FILL: u32 = 1 << 4;
 
 /// Extent flag: not allocated.
 pub const EXTENT_HOLE: u32 = 1 << 0;
@@ -334,9 +345,12 @@ pub struct PluginTable {
     /// that has already arrived, so the wait is a copy, never the network,
     /// and it may split one client write into several calls. If `sink`
     /// fails the pieces may hold part of the data, as after a failed
-    /// `pwrite`. On failure return an errno without calling `sink`. Flags:
-    /// [`FLAG_FUA`] (only if `can_fua` said NATIVE). The host still calls
-    /// `pwrite` where lending does not suit it (small or buffered writes).
+    /// `pwrite`. On failure return an errno without calling `sink`; from
+    /// ABI 1.5 on, `ENOTSUP` returned without calling `sink` declines (the
+    /// host then receives the data into a buffer of its own and calls
+    /// `pwrite`). Flags: [`FLAG_FUA`] (only if `can_fua` said NATIVE),
+    /// [`FLAG_KERNEL_FILL`]. The host still calls `pwrite` where lending
+    /// does not suit it (small or buffered writes).
     pub pwrite_lend: Option<
         unsafe extern "C" fn(
             h: Handle,

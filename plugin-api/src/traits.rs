@@ -52,6 +52,11 @@ impl Flags {
     pub fn req_one(self) -> bool {
         self.0 & abi::FLAG_REQ_ONE != 0
     }
+    /// `pwrite_lend`: the host fills the lent slices only through the
+    /// kernel, so memory that may fault (a file mapping) may be lent.
+    pub fn kernel_fill(self) -> bool {
+        self.0 & abi::FLAG_KERNEL_FILL != 0
+    }
 }
 
 /// Facts about the connection a handle is opened for.
@@ -214,8 +219,12 @@ pub trait LendWrite: Pwrite {
     /// already arrived is copied in, so this never waits on the client,
     /// and one client write may come as several calls. If `sink` fails, the
     /// slices may hold part of the data. Fail without calling it if the
-    /// range cannot be written. `pwrite` must still work: the host uses it
-    /// for small writes and ones already buffered.
+    /// range cannot be written, or decline with [`Error::unsupported`]
+    /// (before calling it) and the host writes the range with `pwrite`.
+    /// Lend memory that may fault (a file mapping) only when
+    /// [`Flags::kernel_fill`] says the host fills it through the kernel;
+    /// decline otherwise. `pwrite` must still work: the host uses it for
+    /// small writes and ones already buffered.
     fn pwrite_lend(
         &self,
         count: u64,

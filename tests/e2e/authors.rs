@@ -21,7 +21,7 @@ struct CPlugins {
 /// the host must say about it).
 const BROKEN: &[(&str, &str)] = &[
     ("bad_major", "built for ABI 2.0, this host speaks ABI 1.x"),
-    ("null_table", "its entry point refused this host (host ABI 1.4)"),
+    ("null_table", "its entry point refused this host (host ABI 1.5)"),
     ("tiny_table", "table is 8 bytes, smaller than the 56-byte ABI header"),
     ("bad_kind", "unknown kind 9 (this host knows backends and filters)"),
     ("no_entry", "no `nbdhost_plugin_entry` symbol, not an nbdhost plugin"),
@@ -526,7 +526,7 @@ fn an_older_shorter_table_loads_and_the_host_falls_back_for_what_it_lacks() {
     let srv = serve(&ex, &[&c.good], &[]);
     // The plugin read only the prefix of the host table it knows.
     assert!(
-        srv.log().contains("[oldminor] oldminor: host ABI 1.4, table of 56 bytes, of which this plugin knows 24"),
+        srv.log().contains("[oldminor] oldminor: host ABI 1.5, table of 56 bytes, of which this plugin knows 24"),
         "{}",
         srv.log()
     );
@@ -545,7 +545,7 @@ fn a_newer_longer_table_loads_and_its_extra_fields_are_ignored() {
     let ex = Exports::new();
     ex.snippet("new", "[[layer]]\nplugin = \"newminor\"\n");
     let srv = serve(&ex, &[&c.good], &[]);
-    assert!(srv.log().contains("[newminor] newminor: host ABI 1.4 has no future_service"), "{}", srv.log());
+    assert!(srv.log().contains("[newminor] newminor: host ABI 1.5 has no future_service"), "{}", srv.log());
     assert!(srv.log().contains("falling back"), "{}", srv.log());
     if require_tool("qemu-img") {
         qemu_img_round_trip(&srv, "new", &image(2 << 20, 5), ex.dir.path());
@@ -555,7 +555,7 @@ fn a_newer_longer_table_loads_and_its_extra_fields_are_ignored() {
     }
     let detail = plugins_cmd(&["--plugin-dir", s(&c.good), "newminor"]);
     let text = assert_ok("nbdhost plugins newminor", &detail);
-    assert!(norm(&text).contains("abi: 1.7 (this host: 1.4)"), "{text}");
+    assert!(norm(&text).contains("abi: 1.7 (this host: 1.5)"), "{text}");
     assert!(!srv.log().contains("TRAP"), "{}", srv.log());
 }
 
@@ -584,8 +584,8 @@ fn plugins_lists_every_plugin_once_and_broken_files_with_their_error() {
     let out = assert_ok("nbdhost plugins", &o);
     let rows = listing_rows(&out);
     let row = |n: &str| rows.iter().find(|r| r[0] == n).unwrap_or_else(|| panic!("{n} is not listed:\n{out}")).clone();
-    assert_eq!(row("cdisk"), ["cdisk", "backend", "1.2.3", "1.4", "in-memory disk written in C"].map(String::from));
-    assert_eq!(row("cxor"), ["cxor", "filter", "0.9", "1.4", "XOR every byte with a key (C filter)"].map(String::from));
+    assert_eq!(row("cdisk"), ["cdisk", "backend", "1.2.3", "1.5", "in-memory disk written in C"].map(String::from));
+    assert_eq!(row("cxor"), ["cxor", "filter", "0.9", "1.5", "XOR every byte with a key (C filter)"].map(String::from));
     assert_eq!(row("newminor")[1..4], ["backend", "1.7.0", "1.7"].map(String::from));
     assert_eq!(row("oldminor")[1..4], ["backend", "0.1-old", "1.0"].map(String::from));
     assert_eq!(row("memory")[1], "backend");
@@ -631,7 +631,7 @@ fn plugins_name_shows_parameters_thread_model_shape_and_capabilities() {
         &format!("file: {}", c.good.join("cdisk.so").display()),
         "kind: backend",
         "version: 1.2.3",
-        "abi: 1.4 (this host: 1.4)",
+        "abi: 1.5 (this host: 1.5)",
         "description: in-memory disk written in C",
         "thread model: parallel",
         "size size default 1M disk size (at most 1G)",

@@ -243,6 +243,72 @@ fn nbdcopy_writes_land_in_lent_memory_over_tcp_and_unix() {
     }
 }
 
+/// Large writes to `file` are received straight into its shared mapping
+/// (ABI 1.2 `pwrite_lend`) where the pages are already in the page cache,
+/// and declined (ABI 1.5) where they are not (a fresh sparse file: writing
+/// an uncached page through a mapping would read it from disk first), so
+/// the host writes those with `pwrite`. Both ways, over TCP and a Unix
+/// socket, the file on disk ends up holding exactly what a real client
+/// wrote, and reads back so.
+#[test]
+fn nbdcopy_writes_go_into_a_mapped_file_where_cached_and_through_pwrite_where_not() {
+    if !require_tool("nbdcopy") {
+        return;
+    }
+    let ex = Exports::new();
+    // One file per transport: pages the server has mapped (lent) stay
+    // cached whatever we advise.
+    for name in ["tcp", "unix"] {
+        ex.snippet(name, &format!("[[layer]]\nplugin = \"file\"\npath = \"{name}.img\"\nsize = \"16M\"\n"));
+    }
+    let sock = ex.path("nbd.sock");
+    let srv = Server::start(&ex, &["--unix", sock.to_str().unwrap(), "--log-level", "trace"]);
+    assert!(srv.wait_for_log("listening on unix"), "{}", srv.log());
+    let unix = format!("nbd+unix:///unix?socket={}", sock.display());
+    for (n, (how, uri)) in [("tcp", srv.uri("tcp")), ("unix", unix)].into_iter().enumerate() {
+        let count = |log: &str| {
+            (log.matches(&format!("{how}: pwrite_lend")).count(), log.matches(&format!("{how}: pwrite ")).count())
+        };
+        for cached in [false, true] {
+            if cached {
+                // Reading the whole disk brings its pages into the page cache.
+                run_ok("nbdcopy", &[&uri, ex.path("warm.img").to_str().unwrap()]);
+            } else {
+                // Pages of a file no one has read or written yet are not
+                // cached: drop the file's (clean, just written back).
+                let f = std::fs::File::open(ex.path(&format!("{how}.img"))).unwrap();
+                f.sync_all().unwrap();
+                // SAFETY: advisory call on a descriptor we own.
+                let rc = unsafe {
+                    libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, libc::POSIX_FADV_DONTNEED)
+                };
+                assert_eq!(rc, 0);
+            }
+            let data = random_bytes(16 * MIB, 0xf11e + 2 * n as u64 + cached as u64);
+            let src = ex.path("src.img");
+            std::fs::write(&src, &data).unwrap();
+            let (lent0, copied0) = count(&srv.log());
+            run_ok("nbdcopy", &["--request-size=1048576", "--requests=8", src.to_str().unwrap(), &uri]);
+            // The page cache, which the mapping shares, is what a read sees.
+            assert!(
+                std::fs::read(ex.path(&format!("{how}.img"))).unwrap() == data,
+                "{how}, cached={cached}: the file differs"
+            );
+            let back = ex.path("back.img");
+            run_ok("nbdcopy", &[&uri, back.to_str().unwrap()]);
+            assert!(std::fs::read(&back).unwrap() == data, "{how}, cached={cached}: data read back differs");
+            let (lent, copied) = count(&srv.log());
+            let (lent, copied) = (lent - lent0, copied - copied0);
+            if cached {
+                assert!(copied == 0 && lent >= 16, "{how}: {lent} parts lent, {copied} written with pwrite");
+            } else {
+                // Every part was offered to the layer and declined.
+                assert!(lent >= 16 && copied == lent, "{how}: {lent} parts offered, {copied} written with pwrite");
+            }
+        }
+    }
+}
+
 /// Large reads go out both ways the host has, lent from the backend's
 /// memory and copied into the reply first (each connection tries both on
 /// its first two and then picks what costs it less CPU), and either way a

@@ -916,6 +916,9 @@ impl<'a, W: Write + Send> Conn<'a, W> {
         let mut failed = self.check(req).and_then(|()| self.layer.check_write(len as u64, req.offset)).err();
         let block = (self.layer.caps().block_size.minimum as usize).max(1);
         let part_min = LEND_WRITE_MIN.max(block);
+        // Only a plain socket's reads fill lent memory through the kernel
+        // (under TLS the plaintext is copied from rustls's buffer).
+        let kernel_fill = self.plain.is_some() && crate::transport::can_fill_lent();
         let (mut done, mut waited, mut slept) = (0, false, false);
         while done < len {
             let want = len - done;
@@ -942,15 +945,24 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                 done += n;
                 continue;
             }
-            let (mut taken, mut short, mut broken) = (0, false, None);
+            let (mut taken, mut short, mut unwritable, mut broken, mut sunk) = (0, false, false, None, false);
             let start = self.start_measuring();
-            let last = done + n == len;
-            let r = self.layer.write_lend(n as u64, req.offset + done as u64, fua, last, &mut |pieces| {
+            let (at, last) = (req.offset + done as u64, done + n == len);
+            let r = self.layer.write_lend(n as u64, at, fua, last, kernel_fill, &mut |pieces| {
+                sunk = true;
                 // Only what is here: the layer holds its locks meanwhile.
-                match reader.read_pieces_now(pieces, &mut taken) {
+                match reader.read_pieces_now(pieces, &mut taken, kernel_fill) {
                     Ok(()) => Ok(()),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         short = true;
+                        Err(libc::EIO)
+                    }
+                    // The layer's memory faulted (a mapped file that shrank,
+                    // or a hole with no room to allocate): this write fails,
+                    // the stream is intact (the kernel took nothing it could
+                    // not store).
+                    Err(e) if e.raw_os_error() == Some(libc::EFAULT) => {
+                        unwritable = true;
                         Err(libc::EIO)
                     }
                     Err(e) => {
@@ -959,6 +971,18 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                     }
                 }
             });
+            if !sunk && r.as_ref().is_err_and(|e| e.errno == NbdErrno::NotSup) {
+                // Declined (ABI 1.5): this part through a buffer and `pwrite`.
+                let mut buf = self.payload_buffer(n);
+                reader.read_exact(&mut buf[..n])?;
+                if let Err(e) = self.layer.write(&buf[..n], at, fua && last) {
+                    failed = Some(e);
+                }
+                self.recycle(buf);
+                slept |= start.is_some_and(|before| layer_sleeps() > before);
+                done += n;
+                continue;
+            }
             slept |= start.is_some_and(|before| layer_sleeps() > before);
             if let Some(e) = broken {
                 return Err(e);
@@ -972,6 +996,10 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                 failed = Some(OpError::new(NbdErrno::Io, format!(
                     "WRITE: {} of {n} bytes counted as received were not there (is the client sending out-of-band data?)",
                     n - taken
+                )));
+            } else if unwritable {
+                failed = Some(OpError::new(NbdErrno::Io, format!(
+                    "WRITE {at}+{n}: the memory the layer lent for it faulted after {taken} bytes (a mapped file that shrank, or no room to allocate?)"
                 )));
             } else if let Err(e) = r {
                 failed = Some(e);

@@ -7,10 +7,16 @@
 //!   when the client allows holes), falling back to written zeros where the
 //!   filesystem cannot;
 //! * extents come from `SEEK_DATA`/`SEEK_HOLE`, so sparse files show holes;
-//! * large reads of regular files are lent (ABI 1.1) from a read-only shared
-//!   mapping of the file, so the host sends them from the page cache without
+//! * large reads of regular files are lent (ABI 1.1) from a shared mapping
+//!   of the file, so the host sends them from the page cache without
 //!   copying them into a buffer first (see [`Segment::lendable`] for what
 //!   keeps a file that shrinks from faulting);
+//! * large writes to regular files are received into the same (writable)
+//!   mapping (ABI 1.2 `pwrite_lend`), one copy from the socket into the
+//!   page cache instead of two (socket to buffer, buffer to page cache);
+//!   only where the host fills it through the kernel and the pages are
+//!   already cached (see [`Segment::lendable_for_write`]), otherwise it
+//!   declines and the host calls `pwrite`;
 //! * `direct = true` opens with O_DIRECT but takes any range and buffer
 //!   (see [`direct`] for how unaligned requests are served).
 
@@ -19,7 +25,7 @@ mod direct;
 use nbdhost_plugin_api::abi::{EXTENT_HOLE, EXTENT_ZERO};
 use nbdhost_plugin_api::{
     export_backend, host, param, Backend, Cache, Connection, Error, ExtentList, Extents, Flags, Flush, LendRead,
-    OpenContext, ParamKind, Params, Pwrite, Result, Support, Trim, Zero,
+    LendWrite, OpenContext, ParamKind, Params, Pwrite, Result, Support, Trim, Zero,
 };
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
@@ -95,44 +101,111 @@ struct Segment {
     file: OpenFile,
     start: u64,
     size: u64,
-    /// The file mapped read-only as it was at start (regular files opened
-    /// without O_DIRECT, not empty), for lent reads.
-    map: Option<memmap2::Mmap>,
+    /// The file mapped shared as it was at start (regular files opened
+    /// without O_DIRECT, not empty), for lent reads and, if the file is
+    /// writable (then so is the mapping), lent writes.
+    map: Option<memmap2::MmapRaw>,
 }
 
 impl Segment {
-    fn map(file: &OpenFile, size: u64, direct: bool) -> Option<memmap2::Mmap> {
+    fn map(file: &OpenFile, size: u64, direct: bool) -> Option<memmap2::MmapRaw> {
         if file.is_block_device || direct || size == 0 {
             return None;
         }
-        // SAFETY: a shared read-only mapping of a file we keep open for the
-        // mapping's lifetime. Its bytes can change under us (our own writes,
-        // or other processes), which is fine for bytes we only hand to the
-        // kernel to send; a file that shrinks would make loads past its new
-        // end fault, so `lendable` lends only ranges the file still covers
-        // and the host copies lent bytes only through the kernel, which
-        // turns a late truncation into EFAULT for that read instead of a
-        // SIGBUS.
-        match unsafe { memmap2::MmapOptions::new().len(size as usize).map(&file.file) } {
+        let mut opts = memmap2::MmapOptions::new();
+        opts.len(size as usize);
+        // A shared mapping of a file we keep open for the mapping's
+        // lifetime. Its bytes can change under us (our own writes, or other
+        // processes), which is fine for bytes only the kernel reads or
+        // writes; a file that shrinks (or a hole the filesystem has no room
+        // to allocate) makes an access fault, which is why the host copies
+        // lent bytes, both ways, only through the kernel, which turns the
+        // fault into EFAULT for that request instead of a SIGBUS. See
+        // `lendable` and `lendable_for_write`.
+        let mapped = if file.writable { opts.map_raw(&file.file) } else { opts.map_raw_read_only(&file.file) };
+        match mapped {
             Ok(m) => Some(m),
             Err(e) => {
-                host::warn(&format!("{}: cannot map it for lent reads ({e}); reads are copied", file.path.display()));
+                host::warn(&format!(
+                    "{}: cannot map it for lent I/O ({e}); reads and writes are copied",
+                    file.path.display()
+                ));
                 None
             }
         }
     }
 
-    /// The mapped bytes `[o, o+l)` of this file, if it is mapped and the
-    /// file still covers them (a file truncated since start is read with
-    /// `pread`, which reports the short file as an error).
-    fn lendable(&self, o: u64, l: u64) -> Option<&[u8]> {
+    /// The mapping's `[o, o+l)`, if mapped and the file still covers it
+    /// (a file truncated since start is read with `pread`, which reports
+    /// the short file as an error).
+    fn mapped(&self, o: u64, l: u64) -> Option<*mut u8> {
         let map = self.map.as_ref()?;
         let end = o.checked_add(l)?;
         if end > map.len() as u64 || self.file.size().ok()? < end {
             return None;
         }
-        Some(&map[o as usize..end as usize])
+        // In bounds (checked above), so the offset stays inside the mapping.
+        Some(map.as_mut_ptr().wrapping_add(o as usize))
     }
+
+    /// The mapped bytes `[o, o+l)` of this file, to lend for a read.
+    fn lendable(&self, o: u64, l: u64) -> Option<&[u8]> {
+        let p = self.mapped(o, l)?;
+        // SAFETY: `p..p+l` lies inside the mapping (checked by `mapped`),
+        // which lives as long as `self`. The bytes may change while
+        // borrowed (writes by other requests or processes); the host only
+        // hands them to the kernel, never reads them itself.
+        Some(unsafe { std::slice::from_raw_parts(p, l as usize) })
+    }
+
+    /// The mapped bytes `[o, o+l)` of this file, to lend for a write: only
+    /// if the mapping is writable, the file covers the range and all its
+    /// pages are in the page cache. Writing an uncached page through a
+    /// mapping first reads it from disk (a `pwrite` of whole pages does
+    /// not), so a write to cold parts of a large image declines and goes
+    /// through `pwrite`.
+    #[allow(clippy::mut_from_ref)]
+    fn lendable_for_write(&self, o: u64, l: u64) -> Option<&mut [u8]> {
+        if !self.file.writable {
+            return None;
+        }
+        let p = self.mapped(o, l)?;
+        if !resident(p, l as usize) {
+            return None;
+        }
+        // SAFETY: `p..p+l` lies inside the writable mapping (checked by
+        // `mapped`), alive as long as `self`. The slice goes only to the
+        // host, which fills it only through the kernel (the caller checks
+        // `FLAG_KERNEL_FILL`): no code of this process loads or stores
+        // through it, so another request lending an overlapping range at
+        // the same time (overlapping writes in flight, which NBD leaves
+        // undefined, as for two `pwrite`s) cannot be miscompiled, and a
+        // fault is EFAULT for this write, not a SIGBUS.
+        Some(unsafe { std::slice::from_raw_parts_mut(p, l as usize) })
+    }
+}
+
+/// Whether every page of `[p, p+len)`, a range of a file mapping, is in
+/// the page cache (`mincore`). A failure counts as not cached.
+fn resident(p: *mut u8, len: usize) -> bool {
+    const PAGE: usize = 4096;
+    let first = p as usize & !(PAGE - 1);
+    let end = p as usize + len;
+    let mut vec = [0u8; 256];
+    let mut at = first;
+    while at < end {
+        let span = (end - at).min(vec.len() * PAGE);
+        // SAFETY: `mincore` on page-aligned addresses of our own mapping
+        // (4 KiB pages: a larger page size would only make it look at more
+        // of the same mapping's pages, rounded within it), writing one byte
+        // per page of `span`, at most `vec.len()`.
+        let rc = unsafe { libc::mincore(at as *mut libc::c_void, span, vec.as_mut_ptr()) };
+        if rc != 0 || vec[..span.div_ceil(PAGE)].iter().any(|b| b & 1 == 0) {
+            return false;
+        }
+        at += span;
+    }
+    true
 }
 
 /// The files of an export laid end to end (one file in the usual case).
@@ -348,6 +421,28 @@ impl LendRead for FileHandle {
             // the host reads it with `pread` (outside its reply lock, and
             // reporting a shrunk file as the error it is).
             None => Err(Error::unsupported("this range is not mapped; read it with pread")),
+        }
+    }
+}
+
+impl LendWrite for FileHandle {
+    fn pwrite_lend(
+        &self,
+        count: u64,
+        offset: u64,
+        flags: Flags,
+        sink: &mut dyn FnMut(&mut [&mut [u8]]) -> Result<()>,
+    ) -> Result<()> {
+        // A mapping can fault (a file that shrank, a hole with no room to
+        // allocate): lent only to a host that fills it through the kernel.
+        if !flags.kernel_fill() {
+            return Err(Error::unsupported("the host would fill a file mapping with plain stores; use pwrite"));
+        }
+        let pieces: Option<Vec<&mut [u8]>> =
+            self.files.split(offset, count).map(|(s, o, l, _)| s.lendable_for_write(o, l)).collect();
+        match pieces {
+            Some(mut pieces) => sink(&mut pieces),
+            None => Err(Error::unsupported("this range is not mapped or not cached; write it with pwrite")),
         }
     }
 }
