@@ -390,6 +390,12 @@ impl LoadedPlugin {
                          wherever it does not lend)"
                     )));
                 }
+                if t.pwrite_lend.is_some() && t.pwrite.is_none() {
+                    return Err(LoadError(format!(
+                        "plugin {shown}: a filter with pwrite_lend must provide pwrite too (the host writes with it \
+                         wherever it does not lend)"
+                    )));
+                }
                 if t.min_children > t.max_children || t.max_children == 0 {
                     return Err(LoadError(format!(
                         "plugin {shown}: declares between {} and {} layers below it",
@@ -403,7 +409,7 @@ impl LoadedPlugin {
                     max_children: t.max_children,
                     child_readonly: t.child_readonly != 0,
                 };
-                (kind, Ops { pread_lend: t.pread_lend, ..ops_from!(t) }, common)
+                (kind, Ops { pread_lend: t.pread_lend, pwrite_lend: t.pwrite_lend, ..ops_from!(t) }, common)
             }
             other => {
                 return Err(LoadError(format!(

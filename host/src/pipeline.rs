@@ -299,7 +299,10 @@ impl Layer for FilterLayer {
         } else {
             !self.own.pread && self.through().is_some_and(|c| c.caps().lend)
         };
-        p.pwrite_lend = false;
+        // A filter that lends for writes (ABI 1.5) keeps the data itself
+        // (`cow`'s overlay): nothing below is involved. Lending does not
+        // pass through a filter that has none.
+        p.pwrite_lend = self.own.pwrite_lend;
         p
     }
     fn get_size(&self) -> Result<u64, PluginError> {
@@ -332,6 +335,10 @@ impl Layer for FilterLayer {
             Some(c) if !self.own.pread && !self.own.pread_lend => c.read_lend(count, offset, sink).map_err(below),
             _ => self.handle.pread_lend(count, offset, flags, sink),
         }
+    }
+    fn pwrite_lend(&self, count: u64, offset: u64, flags: u32, sink: &mut LendFiller<'_>) -> Result<(), PluginError> {
+        // Only called where `provided` said the filter lends itself.
+        self.handle.pwrite_lend(count, offset, flags, sink)
     }
     fn pwrite(&self, buf: &[u8], offset: u64, flags: u32) -> Result<(), PluginError> {
         match self.through() {

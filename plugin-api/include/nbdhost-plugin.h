@@ -531,6 +531,15 @@ struct nbdhost_filter_table {
    * the layer below directly). */
   int (*pread_lend) (nbdhost_handle h, uint64_t count, uint64_t offset, uint32_t flags,
                      nbdhost_lend_sink sink, void *ctx);
+
+  /* ---- ABI 1.5 ---- */
+
+  /** Optional: as pwrite_lend in struct nbdhost_plugin_table, for a filter
+   * that keeps written data in memory of its own (cow's overlay): lend it,
+   * or decline with ENOTSUP before the sink runs (the host then calls
+   * pwrite). Nothing below is involved. */
+  int (*pwrite_lend) (nbdhost_handle h, uint64_t count, uint64_t offset, uint32_t flags,
+                      nbdhost_lend_sink_mut sink, void *ctx);
 };
 
 /* ------------------------------------------------------------ the entry point */

@@ -34,7 +34,8 @@ type RangeFn = unsafe extern "C" fn(Handle, u64, u64, u32) -> i32;
 type ExtentsFn = unsafe extern "C" fn(Handle, u64, u64, u32, *mut ExtentSink) -> i32;
 /// A `pread_lend` callback (backend or filter table).
 pub type LendFn = unsafe extern "C" fn(Handle, u64, u64, u32, abi::LendSink, *mut std::ffi::c_void) -> i32;
-type LendMutFn = unsafe extern "C" fn(Handle, u64, u64, u32, abi::LendSinkMut, *mut std::ffi::c_void) -> i32;
+/// A `pwrite_lend` callback (backend or filter table).
+pub type LendMutFn = unsafe extern "C" fn(Handle, u64, u64, u32, abi::LendSinkMut, *mut std::ffi::c_void) -> i32;
 
 /// The optional callbacks found by probing the handle type.
 pub struct OptionalOps {
@@ -130,6 +131,28 @@ pub mod probes {
         }
     }
     impl<F> NoFilterLendRead for &Probe<F> {}
+
+    /// Chosen when a filter's handle implements [`crate::FilterLendWrite`].
+    pub trait HasFilterLendWrite {
+        /// The callback.
+        fn filter_pwrite_lend_fn(&self) -> Option<LendMutFn>;
+    }
+    impl<F: crate::Filter> HasFilterLendWrite for Probe<F>
+    where
+        F::Handle: crate::FilterLendWrite,
+    {
+        fn filter_pwrite_lend_fn(&self) -> Option<LendMutFn> {
+            Some(crate::filter::f_pwrite_lend::<F>)
+        }
+    }
+    /// Fallback when it does not.
+    pub trait NoFilterLendWrite {
+        /// No callback.
+        fn filter_pwrite_lend_fn(&self) -> Option<LendMutFn> {
+            None
+        }
+    }
+    impl<F> NoFilterLendWrite for &Probe<F> {}
 }
 
 /// Run `f`, turning an `Err` into its errno (with the message handed to the
@@ -440,29 +463,42 @@ where
     B::Handle: LendWrite,
 {
     guard("pwrite_lend", || {
-        let mut called = false;
-        let mut to_host = |pieces: &mut [&mut [u8]]| -> crate::Result<()> {
-            if std::mem::replace(&mut called, true) {
-                return Err(Error::io("pwrite_lend called its sink twice"));
-            }
-            let raw: Vec<abi::LendPieceMut> =
-                pieces.iter_mut().map(|p| abi::LendPieceMut { data: p.as_mut_ptr(), len: p.len() as u64 }).collect();
-            // SAFETY: the host's sink with its context, given pieces that
-            // stay valid and exclusively ours for the call (they borrow
-            // mutably from `pieces`).
-            match unsafe { sink(ctx, raw.as_ptr(), raw.len()) } {
-                0 => Ok(()),
-                // The host knows why; pass its errno back unchanged.
-                errno => Err(Error { errno, message: String::new(), from_below: true }),
-            }
-        };
-        // SAFETY: live handle.
-        let r = unsafe { handle::<B>(h) }.pwrite_lend(count, offset, Flags(flags), &mut to_host);
-        if r.is_ok() && !called {
-            return Err(Error::io("pwrite_lend returned without lending anything"));
-        }
-        r
+        // SAFETY: the host's sink and context, valid for the call; live handle.
+        unsafe { fill_from_host(sink, ctx, |to_host| handle::<B>(h).pwrite_lend(count, offset, Flags(flags), to_host)) }
     })
+}
+
+/// Run `lend` with a sink that hands its pieces to the host's `sink` to
+/// fill (exactly once), for the backend and filter `pwrite_lend` shims.
+///
+/// # Safety
+/// `sink` and `ctx` are the host's, valid for the duration of the call.
+pub(crate) unsafe fn fill_from_host(
+    sink: abi::LendSinkMut,
+    ctx: *mut std::ffi::c_void,
+    lend: impl FnOnce(&mut dyn FnMut(&mut [&mut [u8]]) -> crate::Result<()>) -> crate::Result<()>,
+) -> crate::Result<()> {
+    let mut called = false;
+    let mut to_host = |pieces: &mut [&mut [u8]]| -> crate::Result<()> {
+        if std::mem::replace(&mut called, true) {
+            return Err(Error::io("pwrite_lend called its sink twice"));
+        }
+        let raw: Vec<abi::LendPieceMut> =
+            pieces.iter_mut().map(|p| abi::LendPieceMut { data: p.as_mut_ptr(), len: p.len() as u64 }).collect();
+        // SAFETY: the host's sink with its context, given pieces that stay
+        // valid and exclusively ours for the call (they borrow mutably from
+        // `pieces`).
+        match unsafe { sink(ctx, raw.as_ptr(), raw.len()) } {
+            0 => Ok(()),
+            // The host knows why; pass its errno back unchanged.
+            errno => Err(Error { errno, message: String::new(), from_below: true }),
+        }
+    };
+    let r = lend(&mut to_host);
+    if r.is_ok() && !called {
+        return Err(Error::io("pwrite_lend returned without lending anything"));
+    }
+    r
 }
 
 struct TableCell(OnceLock<PluginTable>);

@@ -52,9 +52,9 @@ pub const ABI_MAJOR: u16 = 1;
 /// * 1.3: `FilterTable::pread_lend` and `NextOps::pread_lend`.
 /// * 1.4: `HostApi::checking_only`.
 /// * 1.5: `pwrite_lend` may decline (`ENOTSUP` before its sink) and gets
-///   [`FLAG_KERNEL_FILL`]; no table changes. The plugin-api offers a
-///   backend's `pwrite_lend` only to hosts of 1.5 or later, which honour
-///   the decline.
+///   [`FLAG_KERNEL_FILL`]; `FilterTable::pwrite_lend`. The plugin-api
+///   offers `pwrite_lend` only to hosts of 1.5 or later, which honour the
+///   decline.
 pub const ABI_MINOR: u16 = 5;
 
 /// Name of the single symbol a plugin exports (without the trailing NUL).
@@ -582,6 +582,21 @@ pub struct FilterTable {
     /// directly, as it passes every absent callback through).
     pub pread_lend: Option<
         unsafe extern "C" fn(h: Handle, count: u64, offset: u64, flags: u32, sink: LendSink, ctx: *mut c_void) -> i32,
+    >,
+
+    /// (ABI 1.5, optional) As [`PluginTable::pwrite_lend`], for a filter
+    /// that keeps written data in memory of its own (`cow`'s overlay): lend
+    /// it, or decline with `ENOTSUP` before the sink runs (the host then
+    /// calls `pwrite`). Nothing below the filter is involved.
+    pub pwrite_lend: Option<
+        unsafe extern "C" fn(
+            h: Handle,
+            count: u64,
+            offset: u64,
+            flags: u32,
+            sink: LendSinkMut,
+            ctx: *mut c_void,
+        ) -> i32,
     >,
 }
 

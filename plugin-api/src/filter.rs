@@ -364,6 +364,26 @@ pub trait FilterLendRead: FilterConnection {
     }
 }
 
+/// Lending memory for writes through a filter (ABI 1.5): implement it for
+/// a filter's handle when it keeps written data in memory of its own
+/// (`cow`'s overlay), so the host receives a write straight into it
+/// instead of into a buffer `pwrite` then copies from. The contract is
+/// [`crate::LendWrite::pwrite_lend`]'s, declines included; nothing below
+/// the filter is involved, and [`FilterConnection::pwrite`] must still
+/// work (the host uses it for small, buffered and declined writes).
+pub trait FilterLendWrite: FilterConnection {
+    /// Call `sink` once with writable slices covering `[offset,
+    /// offset+count)` in order, and return what it returns, or decline
+    /// with [`Error::unsupported`] before calling it.
+    fn pwrite_lend(
+        &self,
+        count: u64,
+        offset: u64,
+        flags: Flags,
+        sink: &mut dyn FnMut(&mut [&mut [u8]]) -> Result<()>,
+    ) -> Result<()>;
+}
+
 /// Pieces of a static buffer of zeros covering `len` bytes, for a filter
 /// that lends zeros (a grown tail, a zeroed block).
 pub fn zero_pieces(len: u64) -> Vec<&'static [u8]> {
@@ -561,6 +581,25 @@ where
     })
 }
 
+pub(crate) unsafe extern "C" fn f_pwrite_lend<F: Filter>(
+    h: Handle,
+    count: u64,
+    offset: u64,
+    flags: u32,
+    sink: abi::LendSinkMut,
+    ctx: *mut std::ffi::c_void,
+) -> i32
+where
+    F::Handle: FilterLendWrite,
+{
+    // SAFETY: live handle; the host's sink and context, valid for the call.
+    guard("pwrite_lend", || unsafe {
+        crate::__private::fill_from_host(sink, ctx, |to_host| {
+            fh::<F>(h).pwrite_lend(count, offset, Flags(flags), to_host)
+        })
+    })
+}
+
 struct FilterCell(OnceLock<abi::FilterTable>);
 // SAFETY: the table holds 'static strings and function pointers only.
 unsafe impl Sync for FilterCell {}
@@ -573,6 +612,7 @@ unsafe impl Sync for FilterCell {}
 pub unsafe fn filter_entry<F: Filter>(
     host: *const HostApi,
     pread_lend: Option<crate::__private::LendFn>,
+    pwrite_lend: Option<crate::__private::LendMutFn>,
 ) -> *const abi::PluginTable {
     static TABLE: FilterCell = FilterCell(OnceLock::new());
     if host.is_null() {
@@ -583,6 +623,9 @@ pub unsafe fn filter_entry<F: Filter>(
         return std::ptr::null();
     }
     crate::host::install(host);
+    // SAFETY: as above. A host before ABI 1.5 neither reads the field nor
+    // honours a decline.
+    let pwrite_lend = if unsafe { (*host).abi_minor } >= 5 { pwrite_lend } else { None };
     let t = TABLE.0.get_or_init(|| abi::FilterTable {
         abi_major: abi::ABI_MAJOR,
         abi_minor: abi::ABI_MINOR,
@@ -621,6 +664,7 @@ pub unsafe fn filter_entry<F: Filter>(
         extents: Some(f_extents::<F>),
         cache: Some(f_cache::<F>),
         pread_lend,
+        pwrite_lend,
     });
     t as *const abi::FilterTable as *const abi::PluginTable
 }

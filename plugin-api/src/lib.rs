@@ -83,6 +83,7 @@ pub mod abi;
 mod error;
 mod filter;
 pub mod host;
+mod pages;
 /// Parameter declarations and value parsing shared by host and plugins.
 pub mod params;
 mod traits;
@@ -91,7 +92,10 @@ mod traits;
 pub mod __private;
 
 pub use error::{Error, Result};
-pub use filter::{lend_in_order, zero_pieces, Filter, FilterConnection, FilterLendRead, LendSource, Next};
+pub use filter::{
+    lend_in_order, zero_pieces, Filter, FilterConnection, FilterLendRead, FilterLendWrite, LendSource, Next,
+};
+pub use pages::pages_cached;
 pub use params::{param, ParamKind, Params};
 pub use traits::{
     Backend, BlockSize, Cache, Connection, ExtentList, Extents, Flags, Flush, LendRead, LendWrite, OpenContext, Pwrite,
@@ -139,7 +143,7 @@ macro_rules! export_backend {
 /// Expands to the `nbdhost_plugin_entry` symbol. Every callback is filled
 /// in; the [`FilterConnection`] defaults pass calls through to the layer
 /// below. `pread_lend` is filled in only if the handle type implements
-/// [`FilterLendRead`]. Use it once per `cdylib`.
+/// [`FilterLendRead`], and `pwrite_lend` if it implements [`FilterLendWrite`]. Use it once per `cdylib`.
 #[macro_export]
 macro_rules! export_filter {
     ($filter:ty) => {
@@ -155,8 +159,9 @@ macro_rules! export_filter {
             use $crate::__private::probes::*;
             let probe = &$crate::__private::Probe::<$filter>::new();
             let pread_lend = probe.filter_pread_lend_fn();
+            let pwrite_lend = probe.filter_pwrite_lend_fn();
             // SAFETY: `host` comes from the nbdhost loader.
-            unsafe { $crate::__private::filter_entry::<$filter>(host, pread_lend) }
+            unsafe { $crate::__private::filter_entry::<$filter>(host, pread_lend, pwrite_lend) }
         }
     };
 }

@@ -58,7 +58,7 @@ fn rust_layouts() -> Vec<Layout> {
             abi_major, abi_minor, struct_size, kind, thread_model, name, version, description, params, n_params,
             min_children, max_children, child_readonly, create, destroy, open, close, get_size, block_size,
             can_write, can_flush, is_rotational, can_trim, can_zero, can_fast_zero, can_fua, can_multi_conn,
-            can_extents, can_cache, pread, pwrite, flush, trim, zero, extents, cache, pread_lend,
+            can_extents, can_cache, pread, pwrite, flush, trim, zero, extents, cache, pread_lend, pwrite_lend,
         }
     }
 }
@@ -85,6 +85,7 @@ fn rust_constants() -> Vec<(&'static str, u64)> {
         FLAG_MAY_TRIM,
         FLAG_FAST_ZERO,
         FLAG_REQ_ONE,
+        FLAG_KERNEL_FILL,
         EXTENT_HOLE,
         EXTENT_ZERO,
         SUPPORT_NONE,

@@ -309,6 +309,53 @@ fn nbdcopy_writes_go_into_a_mapped_file_where_cached_and_through_pwrite_where_no
     }
 }
 
+/// `cow` receives large writes straight into its temporary overlay's
+/// mapping (ABI 1.5 `FilterTable::pwrite_lend`) once the overlay's pages
+/// are cached (the first pass over a fresh, sparse overlay is declined and
+/// written with `pwrite`), whole blocks and partial ones already copied up
+/// alike; a persistent overlay declines every time. Either way the client
+/// reads back what it wrote and the file below is untouched.
+#[test]
+fn nbdcopy_writes_into_a_cow_overlay_go_into_its_mapping_and_leave_the_base_alone() {
+    if !require_tool("nbdcopy") {
+        return;
+    }
+    let ex = Exports::new();
+    let base = random_bytes(8 * MIB, 0xba5e);
+    std::fs::write(ex.path("base.img"), &base).unwrap();
+    let below = "[[layer]]\nplugin = \"file\"\npath = \"base.img\"\n";
+    ex.snippet("tmp", &format!("[[layer]]\nfilter = \"cow\"\nblocksize = \"64K\"\n{below}"));
+    let ov = ex.path("ov");
+    ex.snippet(
+        "kept",
+        &format!("[[layer]]\nfilter = \"cow\"\noverlay = \"{}\"\nblocksize = \"64K\"\n{below}", ov.display()),
+    );
+    let srv = Server::start(&ex, &["--log-level", "trace"]);
+    // The top layer traces under the export's name.
+    let count = |log: &str, export: &str| {
+        (log.matches(&format!("{export}: pwrite_lend")).count(), log.matches(&format!("{export}: pwrite ")).count())
+    };
+    let src = ex.path("src.img");
+    let back = ex.path("back.img");
+    for (export, round) in [("tmp", 0u64), ("tmp", 1), ("kept", 0), ("kept", 1)] {
+        let uri = srv.uri(export);
+        let data = random_bytes(8 * MIB, 0xc0 + round);
+        std::fs::write(&src, &data).unwrap();
+        let (lent0, copied0) = count(&srv.log(), export);
+        run_ok("nbdcopy", &["--request-size=1048576", "--requests=8", src.to_str().unwrap(), &uri]);
+        run_ok("nbdcopy", &[&uri, back.to_str().unwrap()]);
+        assert!(std::fs::read(&back).unwrap() == data, "{export} round {round}: data read back differs");
+        assert!(std::fs::read(ex.path("base.img")).unwrap() == base, "{export}: the file below was written");
+        let (lent, copied) = count(&srv.log(), export);
+        let (lent, copied) = (lent - lent0, copied - copied0);
+        assert!(lent >= 8, "{export} round {round}: only {lent} parts offered");
+        match (export, round) {
+            ("tmp", 1) => assert_eq!(copied, 0, "the overlay is cached now: every part lent"),
+            _ => assert_eq!(copied, lent, "{export} round {round}: every part declined"),
+        }
+    }
+}
+
 /// Large reads go out both ways the host has, lent from the backend's
 /// memory and copied into the reply first (each connection tries both on
 /// its first two and then picks what costs it less CPU), and either way a

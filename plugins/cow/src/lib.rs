@@ -12,13 +12,18 @@
 //! * `copy-on-read`: blocks read from below are copied into the overlay.
 //!
 //! Block status merges the overlay with the layer below.
+//!
+//! A temporary overlay is mapped: reads of its blocks are lent from the
+//! mapping (ABI 1.3) and large writes are received straight into it (ABI
+//! 1.5 `FilterTable::pwrite_lend`), one copy from the socket instead of
+//! two. See [`FilterLendWrite for CowHandle`](CowHandle) for which writes.
 
 mod overlay;
 
 use nbdhost_plugin_api::abi::{EXTENT_HOLE, EXTENT_ZERO};
 use nbdhost_plugin_api::{
     export_filter, host, lend_in_order, param, zero_pieces, Error, ExtentList, Filter, FilterConnection,
-    FilterLendRead, Flags, LendSource, Next, OpenContext, ParamKind, Params, Result, Support,
+    FilterLendRead, FilterLendWrite, Flags, LendSource, Next, OpenContext, ParamKind, Params, Result, Support,
 };
 use overlay::{Overlay, OverlayError, BELOW, DATA, ZERO};
 use std::path::PathBuf;
@@ -415,6 +420,48 @@ impl FilterLendRead for CowHandle {
                 lend_in_order(&sources, sink)
             }
         }
+    }
+}
+
+/// Writes received straight into a temporary overlay's mapping: the
+/// blocks the write covers whole become DATA once filled (their locks held
+/// meanwhile, taken in stripe order, so a partial write cannot copy a
+/// block from below over them halfway); a block covered only in part must
+/// already be DATA (its old bytes are the rest of it). Declined, for the
+/// host to call `pwrite`: a persistent overlay, a host that would not
+/// fill through the kernel (TLS), pages not in the page cache, a partial
+/// block not yet copied up.
+impl FilterLendWrite for CowHandle {
+    fn pwrite_lend(
+        &self,
+        count: u64,
+        offset: u64,
+        flags: Flags,
+        sink: &mut dyn FnMut(&mut [&mut [u8]]) -> Result<()>,
+    ) -> Result<()> {
+        if !flags.kernel_fill() {
+            return Err(Error::unsupported("cow: the host would fill the overlay mapping with plain stores"));
+        }
+        let mut whole = Vec::new();
+        for p in self.pieces(offset, count) {
+            if p.len == p.block_len {
+                whole.push(p.block);
+            } else if self.ov.state(p.block) != DATA {
+                return Err(Error::unsupported("cow: a partial block not in the overlay yet"));
+            }
+        }
+        let mut stripes: Vec<usize> = whole.iter().map(|&b| self.ov.stripe_of(b)).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let _locks: Vec<_> = stripes.into_iter().map(|s| self.ov.lock_stripe(s)).collect();
+        let Some(mem) = self.ov.lendable_for_write(offset, count) else {
+            return Err(Error::unsupported("cow: overlay not mapped, or its pages not cached"));
+        };
+        sink(&mut [mem])?;
+        for b in whole {
+            self.ov.mark_data(b);
+        }
+        self.sync_if(flags)
     }
 }
 

@@ -60,8 +60,9 @@ pub struct Overlay {
     stripes: Vec<Mutex<()>>,
     /// Serialises syncs so two flushes do not interleave map writes.
     sync_lock: Mutex<()>,
-    /// A temporary overlay's data, mapped read-only for lent reads.
-    mapped: Option<memmap2::Mmap>,
+    /// A temporary overlay's data, mapped shared and writable for lent
+    /// reads and writes.
+    mapped: Option<memmap2::MmapRaw>,
 }
 
 impl Overlay {
@@ -101,20 +102,21 @@ impl Overlay {
         Ok(ov)
     }
 
-    /// Map the data file read-only so reads of overlay blocks can be lent.
-    /// Only for temporary overlays: the file is unlinked and ours alone, so
-    /// nothing can shrink it under the mapping (a persistent one could be
-    /// truncated by someone else; its blocks are read and lent from a
-    /// buffer).
-    fn map_for_lending(&self) -> Option<memmap2::Mmap> {
+    /// Map the data file so reads of overlay blocks can be lent and writes
+    /// received into it. Only for temporary overlays: the file is unlinked
+    /// and ours alone, so nothing can shrink it under the mapping (a
+    /// persistent one could be truncated by someone else; its blocks are
+    /// read and written through buffers).
+    fn map_for_lending(&self) -> Option<memmap2::MmapRaw> {
         if self.size == 0 || usize::try_from(self.size).is_err() {
             return None;
         }
-        // SAFETY: a shared read-only mapping of an unlinked file we own and
-        // keep open (and at `size` bytes) for the mapping's lifetime. Our
-        // own writes change its bytes, which is fine for bytes that are
-        // only handed to the kernel to send.
-        unsafe { memmap2::MmapOptions::new().len(self.size as usize).map(&self.data) }.ok()
+        // A shared writable mapping of an unlinked file we own and keep
+        // open (and at `size` bytes) for the mapping's lifetime. Its bytes
+        // are only ever handed to the kernel (to send, or to fill from a
+        // socket), never loaded or stored by this process: see `lendable`
+        // and `lendable_for_write`.
+        memmap2::MmapOptions::new().len(self.size as usize).map_raw(&self.data).ok()
     }
 
     /// Whether overlay blocks can be lent ([`Overlay::lendable`]).
@@ -122,14 +124,58 @@ impl Overlay {
         self.mapped.is_some()
     }
 
+    /// The mapping's `[offset, offset+len)`, if mapped and in bounds.
+    fn mapped_range(&self, offset: u64, len: u64) -> Option<*mut u8> {
+        let m = self.mapped.as_ref()?;
+        offset.checked_add(len).filter(|&e| e <= m.len() as u64)?;
+        // In bounds (checked above).
+        Some(m.as_mut_ptr().wrapping_add(offset as usize))
+    }
+
     /// The overlay's bytes `[offset, offset+len)` where they are mapped,
     /// to lend (`None`: read them with [`Overlay::read_data`]). The bytes
     /// of a block change only under its writers; whoever lends them sends
     /// what is there.
     pub fn lendable(&self, offset: u64, len: u64) -> Option<&[u8]> {
-        let m = self.mapped.as_ref()?;
-        let end = offset.checked_add(len).filter(|&e| e <= m.len() as u64)?;
-        Some(&m[offset as usize..end as usize])
+        let p = self.mapped_range(offset, len)?;
+        // SAFETY: inside the mapping (checked), alive as long as `self`.
+        // Writers may change the bytes meanwhile; the host only hands them
+        // to the kernel.
+        Some(unsafe { std::slice::from_raw_parts(p, len as usize) })
+    }
+
+    /// The overlay's bytes `[offset, offset+len)`, to lend for a write,
+    /// where mapped and all in the page cache (storing to an uncached page
+    /// through the mapping would read it first). The caller holds the
+    /// locks of the blocks it covers whole and has the host fill it only
+    /// through the kernel.
+    #[allow(clippy::mut_from_ref)]
+    pub fn lendable_for_write(&self, offset: u64, len: u64) -> Option<&mut [u8]> {
+        let p = self.mapped_range(offset, len)?;
+        // SAFETY: inside the writable mapping (checked), alive as long as
+        // `self`. Only the kernel stores through it (`FLAG_KERNEL_FILL`) or
+        // reads it (`mincore`, lent reads), so an overlapping write in
+        // flight at the same time cannot be miscompiled; the file is ours
+        // and never shrinks, and a store to a hole the filesystem has no
+        // room for is EFAULT for that write.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(p, len as usize) };
+        nbdhost_plugin_api::pages_cached(bytes).then_some(bytes)
+    }
+
+    /// Mark block `i`, whose whole data was just written, as DATA.
+    pub fn mark_data(&self, i: u64) {
+        self.set_state(i, DATA);
+    }
+
+    /// The stripe lock index of block `i` (see [`Overlay::lock_stripe`]).
+    pub fn stripe_of(&self, i: u64) -> usize {
+        (i % self.stripes.len() as u64) as usize
+    }
+
+    /// Lock stripe `s`; a caller taking several takes them in increasing
+    /// order (single-block callers hold one at a time).
+    pub fn lock_stripe(&self, s: usize) -> std::sync::MutexGuard<'_, ()> {
+        self.stripes[s].lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A persistent overlay at `path` (data) and `path.map` (block states),
@@ -217,7 +263,7 @@ impl Overlay {
 
     /// Lock the stripe of block `i`.
     pub fn lock(&self, i: u64) -> std::sync::MutexGuard<'_, ()> {
-        self.stripes[(i % self.stripes.len() as u64) as usize].lock().unwrap_or_else(|e| e.into_inner())
+        self.lock_stripe(self.stripe_of(i))
     }
 
     fn name(&self) -> String {

@@ -24,8 +24,8 @@ mod direct;
 
 use nbdhost_plugin_api::abi::{EXTENT_HOLE, EXTENT_ZERO};
 use nbdhost_plugin_api::{
-    export_backend, host, param, Backend, Cache, Connection, Error, ExtentList, Extents, Flags, Flush, LendRead,
-    LendWrite, OpenContext, ParamKind, Params, Pwrite, Result, Support, Trim, Zero,
+    export_backend, host, pages_cached, param, Backend, Cache, Connection, Error, ExtentList, Extents, Flags, Flush,
+    LendRead, LendWrite, OpenContext, ParamKind, Params, Pwrite, Result, Support, Trim, Zero,
 };
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
@@ -170,42 +170,18 @@ impl Segment {
             return None;
         }
         let p = self.mapped(o, l)?;
-        if !resident(p, l as usize) {
-            return None;
-        }
         // SAFETY: `p..p+l` lies inside the writable mapping (checked by
-        // `mapped`), alive as long as `self`. The slice goes only to the
+        // `mapped`), alive as long as `self`. The slice goes only to
+        // `pages_cached` (which hands its address to the kernel) and to the
         // host, which fills it only through the kernel (the caller checks
         // `FLAG_KERNEL_FILL`): no code of this process loads or stores
         // through it, so another request lending an overlapping range at
         // the same time (overlapping writes in flight, which NBD leaves
         // undefined, as for two `pwrite`s) cannot be miscompiled, and a
         // fault is EFAULT for this write, not a SIGBUS.
-        Some(unsafe { std::slice::from_raw_parts_mut(p, l as usize) })
+        let bytes = unsafe { std::slice::from_raw_parts_mut(p, l as usize) };
+        pages_cached(bytes).then_some(bytes)
     }
-}
-
-/// Whether every page of `[p, p+len)`, a range of a file mapping, is in
-/// the page cache (`mincore`). A failure counts as not cached.
-fn resident(p: *mut u8, len: usize) -> bool {
-    const PAGE: usize = 4096;
-    let first = p as usize & !(PAGE - 1);
-    let end = p as usize + len;
-    let mut vec = [0u8; 256];
-    let mut at = first;
-    while at < end {
-        let span = (end - at).min(vec.len() * PAGE);
-        // SAFETY: `mincore` on page-aligned addresses of our own mapping
-        // (4 KiB pages: a larger page size would only make it look at more
-        // of the same mapping's pages, rounded within it), writing one byte
-        // per page of `span`, at most `vec.len()`.
-        let rc = unsafe { libc::mincore(at as *mut libc::c_void, span, vec.as_mut_ptr()) };
-        if rc != 0 || vec[..span.div_ceil(PAGE)].iter().any(|b| b & 1 == 0) {
-            return false;
-        }
-        at += span;
-    }
-    true
 }
 
 /// The files of an export laid end to end (one file in the usual case).
