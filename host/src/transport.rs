@@ -49,12 +49,14 @@ pub struct RequestReader<R> {
     /// `buf[pos..filled]` is buffered input not yet consumed.
     pos: usize,
     filled: usize,
+    /// The most bytes the next [`Self::fill_more`] reads (0: no limit).
+    next_fill_max: usize,
 }
 
 impl<R: Read> RequestReader<R> {
     /// A reader with a buffer of `capacity` bytes.
     pub fn with_capacity(capacity: usize, inner: R) -> Self {
-        RequestReader { inner, buf: vec![0; capacity].into_boxed_slice(), pos: 0, filled: 0 }
+        RequestReader { inner, buf: vec![0; capacity].into_boxed_slice(), pos: 0, filled: 0, next_fill_max: 0 }
     }
 
     /// The input buffered and not consumed yet.
@@ -95,14 +97,28 @@ impl<R: Read> RequestReader<R> {
         if self.filled == self.buf.len() {
             return Ok(0);
         }
+        let end = match std::mem::take(&mut self.next_fill_max) {
+            0 => self.buf.len(),
+            max => (self.filled + max).min(self.buf.len()),
+        };
         let n = loop {
-            match self.inner.read(&mut self.buf[self.filled..]) {
+            match self.inner.read(&mut self.buf[self.filled..end]) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 r => break r?,
             }
         };
         self.filled += n;
         Ok(n)
+    }
+
+    /// Make the next [`Self::fill_more`] read at most `n` bytes: after a
+    /// large write received into lent memory the next request is likely
+    /// another, and a full read would take the start of its payload into
+    /// this buffer, to be copied a second time into the layer's memory.
+    /// Reading just its header leaves the payload in the socket for one
+    /// `readv` straight to where it belongs.
+    pub fn limit_next_fill(&mut self, n: usize) {
+        self.next_fill_max = n;
     }
 
     /// Fill `out` entirely: buffered input first, then the source (large

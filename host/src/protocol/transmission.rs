@@ -818,6 +818,9 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                     self.finish(1, cost);
                     return Err(e);
                 }
+                if reader.buffer().is_empty() {
+                    reader.limit_next_fill(hlen);
+                }
             } else if !inline {
                 let mut payload = self.payload_buffer(plen);
                 if let Err(e) = reader.read_exact(&mut payload[..plen]) {
