@@ -22,10 +22,32 @@ const SHARDS: usize = 64;
 /// A page has its own lock: the shard's lock is held only to find or
 /// insert it, never while its 32 KiB are copied, so requests that touch
 /// different pages of one shard do not wait for each other.
-type Page = Arc<RwLock<Box<[u8]>>>;
+type Page = Arc<RwLock<PageBuf>>;
+
+/// A page's bytes, and whether `zero` has taken the page out of the store.
+/// A writer finds a page and then locks it; if `zero` removed it in
+/// between (it had become all zeros), writing into it would be lost, so a
+/// writer that finds it removed looks again (and gets a new page).
+struct PageBuf {
+    bytes: Box<[u8]>,
+    removed: bool,
+}
+
+impl std::ops::Deref for PageBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl std::ops::DerefMut for PageBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.bytes
+    }
+}
 
 fn new_page() -> Page {
-    Arc::new(RwLock::new(vec![0u8; PAGE as usize].into_boxed_slice()))
+    Arc::new(RwLock::new(PageBuf { bytes: vec![0u8; PAGE as usize].into_boxed_slice(), removed: false }))
 }
 
 /// Hashes page indexes with one multiplication instead of SipHash: the
@@ -158,20 +180,38 @@ impl SparseStore {
         sink: &mut dyn FnMut(&mut [&mut [u8]]) -> Result<()>,
     ) -> Result<()> {
         self.check(len, offset)?;
-        let found: Vec<(Page, usize, usize)> =
-            Self::pieces(offset, len).map(|(page, at, n, _)| (self.page_or_new(page), at, n)).collect();
-        let mut guards: Vec<_> = found.iter().map(|(p, _, _)| p.write().unwrap_or_else(|e| e.into_inner())).collect();
-        let mut slices: Vec<&mut [u8]> =
-            found.iter().zip(guards.iter_mut()).map(|(&(_, at, n), g)| &mut g[at..at + n]).collect();
-        sink(&mut slices)
+        loop {
+            let found: Vec<(Page, usize, usize)> =
+                Self::pieces(offset, len).map(|(page, at, n, _)| (self.page_or_new(page), at, n)).collect();
+            let mut guards: Vec<_> =
+                found.iter().map(|(p, _, _)| p.write().unwrap_or_else(|e| e.into_inner())).collect();
+            if guards.iter().any(|g| g.removed) {
+                // `zero` took one out after we found it: find them again.
+                continue;
+            }
+            let mut slices: Vec<&mut [u8]> =
+                found.iter().zip(guards.iter_mut()).map(|(&(_, at, n), g)| &mut g[at..at + n]).collect();
+            return sink(&mut slices);
+        }
+    }
+
+    /// Run `f` on page `page`, allocated if need be and write-locked (a
+    /// page `zero` removed after it was found is found again).
+    fn with_page_mut(&self, page: u64, f: impl FnOnce(&mut [u8])) {
+        loop {
+            let p = self.page_or_new(page);
+            let mut g = p.write().unwrap_or_else(|e| e.into_inner());
+            if !g.removed {
+                return f(&mut g);
+            }
+        }
     }
 
     /// Write `buf` at `offset`, allocating pages as needed.
     pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check(buf.len() as u64, offset)?;
         for (page, at, n, boff) in Self::pieces(offset, buf.len() as u64) {
-            let p = self.page_or_new(page);
-            p.write().unwrap_or_else(|e| e.into_inner())[at..at + n].copy_from_slice(&buf[boff..boff + n]);
+            self.with_page_mut(page, |p| p[at..at + n].copy_from_slice(&buf[boff..boff + n]));
         }
         Ok(())
     }
@@ -183,18 +223,22 @@ impl SparseStore {
         self.check(len, offset)?;
         for (page, at, n, _) in Self::pieces(offset, len) {
             if keep_allocated {
-                self.page_or_new(page).write().unwrap_or_else(|e| e.into_inner())[at..at + n].fill(0);
+                self.with_page_mut(page, |p| p[at..at + n].fill(0));
                 continue;
             }
             let mut shard = self.shard(page).write().unwrap_or_else(|e| e.into_inner());
             if n as u64 == PAGE {
-                shard.remove(&page);
+                if let Some(p) = shard.remove(&page) {
+                    p.write().unwrap_or_else(|e| e.into_inner()).removed = true;
+                }
             } else if let Some(p) = shard.get(&page) {
                 // Under the shard lock, so no one can find the page while
-                // it is judged all-zero and removed.
+                // it is judged all-zero and removed; a writer that found it
+                // before sees it marked removed and looks again.
                 let mut data = p.write().unwrap_or_else(|e| e.into_inner());
                 data[at..at + n].fill(0);
                 if data.iter().all(|&b| b == 0) {
+                    data.removed = true;
                     drop(data);
                     shard.remove(&page);
                 }
@@ -410,6 +454,47 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
+    }
+
+    /// A write and a zero of different bytes of one page, at the same
+    /// time, where the zero leaves the page all zeros (so it frees it):
+    /// the write must survive. It used to be lost when the writer had
+    /// found the page just before the zero freed it.
+    #[test]
+    fn a_write_racing_a_zero_of_other_bytes_in_its_page_is_kept() {
+        let s = Arc::new(SparseStore::new(2 * PAGE));
+        let go = Arc::new(std::sync::Barrier::new(2));
+        let rounds = 100_000;
+        let zeroer = {
+            let (s, go) = (s.clone(), go.clone());
+            std::thread::spawn(move || {
+                for _ in 0..rounds {
+                    go.wait();
+                    s.zero(4096, 8192, false).unwrap();
+                    go.wait();
+                }
+            })
+        };
+        let mut lost = 0;
+        for round in 0..rounds {
+            go.wait();
+            if round % 2 == 0 {
+                s.write(&[7], 100).unwrap();
+            } else {
+                s.lend_for_write(1, 100, &mut |p| {
+                    p[0][0] = 7;
+                    Ok(())
+                })
+                .unwrap();
+            }
+            go.wait();
+            let mut b = [0u8];
+            s.read(&mut b, 100).unwrap();
+            lost += (b[0] != 7) as u32;
+            s.zero(PAGE, 0, false).unwrap();
+        }
+        zeroer.join().unwrap();
+        assert_eq!(lost, 0, "{lost} of {rounds} writes lost");
     }
 
     #[test]
