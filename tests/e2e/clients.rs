@@ -302,11 +302,13 @@ fn nbdcopy_writes_go_into_a_mapped_file_where_cached_and_through_pwrite_where_no
             if cached {
                 assert!(copied == 0 && lent >= 16, "{how}: {lent} parts lent, {copied} written with pwrite");
             } else {
-                // Every part was offered to the layer, and those on pages
-                // not cached were declined: alone that is all of them, but
-                // a `pwrite` may bring in a large folio that covers a later
-                // part's pages too, which are then lent.
-                assert!(lent >= 16 && copied > 0, "{how}: {lent} parts offered, {copied} written with pwrite");
+                // Parts on pages not cached are declined, and the rest of
+                // their write goes out in one `pwrite`; writes that sleep in
+                // the filesystem (allocating blocks) may also run on workers,
+                // which write with `pwrite` without offering. (A `pwrite`
+                // may also bring in a large folio that covers a later write's
+                // pages, which are then lent.)
+                assert!(copied >= 16, "{how}: {lent} parts offered, {copied} written with pwrite");
             }
         }
     }
@@ -351,13 +353,17 @@ fn nbdcopy_writes_into_a_cow_overlay_go_into_its_mapping_and_leave_the_base_alon
         assert!(std::fs::read(ex.path("base.img")).unwrap() == base, "{export}: the file below was written");
         let (lent, copied) = count(&srv.log(), export);
         let (lent, copied) = (lent - lent0, copied - copied0);
-        assert!(lent >= 8, "{export} round {round}: only {lent} parts offered");
         match (export, round) {
-            ("tmp", 1) => assert_eq!(copied, 0, "the overlay is cached now: every part lent"),
+            ("tmp", 1) => {
+                assert!(lent >= 8, "only {lent} parts offered");
+                assert_eq!(copied, 0, "the overlay is cached now: every part lent");
+            }
             // A fresh overlay has no pages cached, nor blocks copied up
             // (a `pwrite` may bring in a large folio covering later parts).
             ("tmp", _) => assert!(copied > 0, "{lent} parts offered, none declined"),
-            _ => assert_eq!(copied, lent, "{export} round {round}: every part declined"),
+            // Declined, or on workers (which do not offer): one `pwrite`
+            // per write at least.
+            _ => assert!(copied >= 8, "{export} round {round}: {lent} offered, {copied} written with pwrite"),
         }
     }
 }

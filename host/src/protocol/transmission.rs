@@ -986,15 +986,18 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                 }
             });
             if !sunk && r.as_ref().is_err_and(|e| e.errno == NbdErrno::NotSup) {
-                // Declined (ABI 1.5): this part through a buffer and `pwrite`.
-                let mut buf = self.payload_buffer(n);
-                reader.read_exact(&mut buf[..n])?;
-                if let Err(e) = self.layer.write(&buf[..n], at, fua && last) {
+                // Declined (ABI 1.5): the rest of the write through a buffer
+                // and one `pwrite`, as for a layer that does not lend (the
+                // client is sending it; the layer holds nothing meanwhile).
+                let rest = len - done;
+                let mut buf = self.payload_buffer(rest);
+                reader.read_exact(&mut buf[..rest])?;
+                if let Err(e) = self.layer.write(&buf[..rest], at, fua) {
                     failed = Some(e);
                 }
                 self.recycle(buf);
                 slept |= start.is_some_and(|before| layer_sleeps() > before);
-                done += n;
+                done = len;
                 continue;
             }
             slept |= start.is_some_and(|before| layer_sleeps() > before);
