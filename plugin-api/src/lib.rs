@@ -95,7 +95,7 @@ pub use error::{Error, Result};
 pub use filter::{
     lend_in_order, zero_pieces, Filter, FilterConnection, FilterLendRead, FilterLendWrite, LendSource, Next,
 };
-pub use pages::pages_cached;
+pub use pages::{cached_pages, drop_page_tables, pages_cached, ready_for_mapped_write, CachedPages};
 pub use params::{param, ParamKind, Params};
 pub use traits::{
     Backend, BlockSize, Cache, Connection, ExtentList, Extents, Flags, Flush, LendRead, LendWrite, OpenContext, Pwrite,

@@ -32,6 +32,92 @@ pub fn pages_cached(bytes: &[u8]) -> bool {
     true
 }
 
+/// Drop this process's page-table entries for the pages of `bytes`, a
+/// range of a shared file mapping about to be filled for a write (the data
+/// stays in the page cache; later accesses map it again). A page mapped
+/// read-only (after a read through the mapping, or after the kernel wrote
+/// it back and write-protected it) takes a write-protect fault on the
+/// first store, and on a large folio ext4 walks the whole folio for each
+/// such 4 KiB fault: 1 MiB writes into written-back pages ran at 0.7 GiB/s
+/// so, against 3.9-4.3 GiB/s when the entries were dropped first and the
+/// stores faulted the pages in afresh (one fault maps a whole folio). Where
+/// the entries were already writable it costs a little (4.1-4.5 against
+/// 4.0 GiB/s). A failure is ignored: it only costs the slower faults.
+pub fn drop_page_tables(bytes: &mut [u8]) {
+    if bytes.is_empty() {
+        return;
+    }
+    // SAFETY: sysconf with a valid name, no pointers.
+    let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as usize,
+        _ => return,
+    };
+    let first = bytes.as_ptr() as usize & !(page - 1);
+    let end = (bytes.as_ptr() as usize + bytes.len()).div_ceil(page) * page;
+    // SAFETY: MADV_DONTNEED on whole pages of a shared file mapping the
+    // caller owns: only page-table entries go; the file's data, dirty or
+    // not, stays in the page cache and is mapped again on the next access
+    // (the rounding may take a neighbour's entries too, which is the same).
+    unsafe { libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_DONTNEED) };
+}
+
+/// Counts of the 4 KiB pages of a file range in the page cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CachedPages {
+    /// Pages the range touches.
+    pub pages: u64,
+    /// Of which in the page cache.
+    pub cached: u64,
+    /// Of which dirty (written, not yet written back).
+    pub dirty: u64,
+}
+
+/// What the page cache holds of `[offset, offset+len)` of the file open as
+/// `fd` (`cachestat`, Linux 6.5), or `None` where the kernel lacks it.
+pub fn cached_pages(fd: std::os::fd::BorrowedFd<'_>, offset: u64, len: u64) -> Option<CachedPages> {
+    use linux_raw_sys::general::{__NR_cachestat, cachestat, cachestat_range};
+    use std::os::fd::AsRawFd;
+    let range = cachestat_range { off: offset, len };
+    let mut out = cachestat { nr_cache: 0, nr_dirty: 0, nr_writeback: 0, nr_evicted: 0, nr_recently_evicted: 0 };
+    // SAFETY: cachestat(2) on a descriptor the caller keeps open, reading
+    // `range` and writing `out`, both live and of the kernel's layout.
+    let rc = unsafe {
+        libc::syscall(
+            __NR_cachestat as libc::c_long,
+            fd.as_raw_fd(),
+            &range as *const cachestat_range,
+            &mut out as *mut cachestat,
+            0u32,
+        )
+    };
+    let pages = offset.saturating_add(len).div_ceil(4096) - offset / 4096;
+    (rc == 0).then_some(CachedPages { pages, cached: out.nr_cache, dirty: out.nr_dirty })
+}
+
+/// Whether to lend `bytes`, the mapping of `[offset, offset+len)` of the
+/// file open as `fd` (shared), for a write the host fills through the
+/// kernel, getting it ready if so. Only if all its pages are in the page
+/// cache ([`pages_cached`] says why); and unless all are dirty already,
+/// whose entries our own last stores left writable, the page-table
+/// entries are dropped first ([`drop_page_tables`] says why). Without
+/// `cachestat` they are dropped every time.
+pub fn ready_for_mapped_write(fd: std::os::fd::BorrowedFd<'_>, offset: u64, bytes: &mut [u8]) -> bool {
+    match cached_pages(fd, offset, bytes.len() as u64) {
+        Some(c) if c.cached < c.pages => false,
+        Some(c) => {
+            if c.dirty < c.pages {
+                drop_page_tables(bytes);
+            }
+            true
+        }
+        None if !pages_cached(bytes) => false,
+        None => {
+            drop_page_tables(bytes);
+            true
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -46,5 +132,38 @@ mod tests {
         // SAFETY: a read-only mapping of a file only this test uses.
         let m = unsafe { memmap2::Mmap::map(&f) }.unwrap();
         assert!(!pages_cached(&m[..]), "a sparse file no one read has no pages cached");
+    }
+
+    #[test]
+    fn dropping_page_tables_keeps_what_was_written() {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(64 << 10).unwrap();
+        // SAFETY: a shared writable mapping of a file only this test uses.
+        let mut m = unsafe { memmap2::MmapMut::map_mut(&f) }.unwrap();
+        m[5000..5100].fill(7);
+        drop_page_tables(&mut m[4097..9000]);
+        assert!(m[5000..5100].iter().all(|&b| b == 7) && m[4999] == 0 && m[5100] == 0);
+        let mut back = [0u8; 100];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut back, 5000).unwrap();
+        assert_eq!(back, [7u8; 100], "the data is in the file's page cache");
+    }
+
+    #[test]
+    fn cachestat_counts_cached_and_dirty_pages() {
+        use std::os::fd::AsFd;
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(1 << 20).unwrap();
+        let Some(c) = cached_pages(f.as_fd(), 0, 1 << 20) else {
+            eprintln!("cachestat(2) is not available on this kernel: nothing to check");
+            return;
+        };
+        assert_eq!(c, CachedPages { pages: 256, cached: 0, dirty: 0 });
+        std::os::unix::fs::FileExt::write_all_at(&f, &[1u8; 8192], 4096 * 10 + 100).unwrap();
+        let c = cached_pages(f.as_fd(), 4096 * 10, 3 * 4096 + 1).unwrap();
+        assert_eq!((c.pages, c.cached, c.dirty), (4, 3, 3), "{c:?}");
+        // SAFETY: a shared writable mapping of a file only this test uses.
+        let mut m = unsafe { memmap2::MmapMut::map_mut(&f) }.unwrap();
+        assert!(!ready_for_mapped_write(f.as_fd(), 0, &mut m[..8192]), "not cached");
+        assert!(ready_for_mapped_write(f.as_fd(), 4096 * 10, &mut m[4096 * 10..4096 * 12]), "cached and dirty");
     }
 }

@@ -24,10 +24,11 @@ mod direct;
 
 use nbdhost_plugin_api::abi::{EXTENT_HOLE, EXTENT_ZERO};
 use nbdhost_plugin_api::{
-    export_backend, host, pages_cached, param, Backend, Cache, Connection, Error, ExtentList, Extents, Flags, Flush,
-    LendRead, LendWrite, OpenContext, ParamKind, Params, Pwrite, Result, Support, Trim, Zero,
+    export_backend, host, param, ready_for_mapped_write, Backend, Cache, Connection, Error, ExtentList, Extents, Flags,
+    Flush, LendRead, LendWrite, OpenContext, ParamKind, Params, Pwrite, Result, Support, Trim, Zero,
 };
 use std::fs::{File, OpenOptions};
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -180,7 +181,7 @@ impl Segment {
         // undefined, as for two `pwrite`s) cannot be miscompiled, and a
         // fault is EFAULT for this write, not a SIGBUS.
         let bytes = unsafe { std::slice::from_raw_parts_mut(p, l as usize) };
-        pages_cached(bytes).then_some(bytes)
+        ready_for_mapped_write(self.file.file.as_fd(), o, bytes).then_some(bytes)
     }
 }
 
