@@ -778,6 +778,8 @@ impl PluginHandle {
         sink: &mut LendFiller<'_>,
     ) -> Result<(), PluginError> {
         let Some(f) = self.table().pwrite_lend else { return Err(absent("pwrite_lend", libc::EINVAL)) };
+        // A plugin never sees a flag from after its ABI minor.
+        let flags = if self.plugin().abi.1 < 5 { flags & !abi::FLAG_KERNEL_FILL } else { flags };
         let mut ctx = LendMutCtx { sink, count, calls: 0, refused: None, sink_failed: false };
         let ctx_ptr = &mut ctx as *mut LendMutCtx<'_> as *mut c_void;
         // SAFETY: `lend_sink_mut` is given `ctx_ptr`, which points at `ctx`

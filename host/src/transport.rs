@@ -37,6 +37,13 @@ pub trait PendingInput {
     /// Read into `bufs` (in order) only what is here: `WouldBlock` instead
     /// of waiting when nothing is, 0 at the end of the stream.
     fn read_now(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize>;
+
+    /// Whether [`Self::read_now`] stores into `bufs` only through the
+    /// kernel (a socket read), so memory that faults there is `EFAULT`
+    /// rather than SIGBUS (`FLAG_KERNEL_FILL`). False unless said so.
+    fn fills_through_kernel(&self) -> bool {
+        false
+    }
 }
 
 /// Buffered input for the transmission phase. Unlike `std::io::BufReader`,
@@ -403,6 +410,10 @@ impl PendingInput for SocketReader {
     }
     fn available(&mut self) -> io::Result<usize> {
         Ok(rustix::io::ioctl_fionread(&self.sock)? as usize)
+    }
+    fn fills_through_kernel(&self) -> bool {
+        // `read_now` is `recvmsg` straight into the caller's buffers.
+        true
     }
     fn read_now(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
         use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvFlags};

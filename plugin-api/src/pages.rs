@@ -1,5 +1,14 @@
 //! Facts about memory a plugin lends.
 
+/// The kernel's page size, if it says.
+fn page_size() -> Option<usize> {
+    // SAFETY: sysconf with a valid name, no pointers.
+    match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => Some(n as usize),
+        _ => None,
+    }
+}
+
 /// Whether every page of `bytes` is in memory: for a file mapping, whether
 /// the file's pages are in the page cache (`mincore`). A plugin that lends
 /// a file mapping for writes (`pwrite_lend`) asks this first: storing to
@@ -10,11 +19,7 @@ pub fn pages_cached(bytes: &[u8]) -> bool {
     if bytes.is_empty() {
         return true;
     }
-    // SAFETY: sysconf with a valid name, no pointers.
-    let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
-        n if n > 0 => n as usize,
-        _ => return false,
-    };
+    let Some(page) = page_size() else { return false };
     let (first, end) = (bytes.as_ptr() as usize & !(page - 1), bytes.as_ptr() as usize + bytes.len());
     let mut vec = [0u8; 256];
     let mut at = first;
@@ -43,25 +48,27 @@ pub fn pages_cached(bytes: &[u8]) -> bool {
 /// stores faulted the pages in afresh (one fault maps a whole folio). Where
 /// the entries were already writable it costs a little (4.1-4.5 against
 /// 4.0 GiB/s). A failure is ignored: it only costs the slower faults.
-pub fn drop_page_tables(bytes: &mut [u8]) {
+///
+/// # Safety
+/// `bytes` must lie in a `MAP_SHARED` mapping of a file, and so must the
+/// rest of the pages it touches: on private or anonymous memory
+/// `MADV_DONTNEED` zeroes whole pages, neighbours' bytes included.
+pub unsafe fn drop_page_tables(bytes: &mut [u8]) {
     if bytes.is_empty() {
         return;
     }
-    // SAFETY: sysconf with a valid name, no pointers.
-    let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
-        n if n > 0 => n as usize,
-        _ => return,
-    };
+    let Some(page) = page_size() else { return };
     let first = bytes.as_ptr() as usize & !(page - 1);
     let end = (bytes.as_ptr() as usize + bytes.len()).div_ceil(page) * page;
-    // SAFETY: MADV_DONTNEED on whole pages of a shared file mapping the
-    // caller owns: only page-table entries go; the file's data, dirty or
-    // not, stays in the page cache and is mapped again on the next access
-    // (the rounding may take a neighbour's entries too, which is the same).
+    // SAFETY: MADV_DONTNEED on whole pages of a shared file mapping (the
+    // caller's contract): only page-table entries go; the file's data,
+    // dirty or not, stays in the page cache and is mapped again on the next
+    // access (the rounding may take a neighbour's entries too, the same).
     unsafe { libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_DONTNEED) };
 }
 
-/// Counts of the 4 KiB pages of a file range in the page cache.
+/// Counts of the pages (of the kernel's page size) of a file range in the
+/// page cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CachedPages {
     /// Pages the range touches.
@@ -90,32 +97,34 @@ pub fn cached_pages(fd: std::os::fd::BorrowedFd<'_>, offset: u64, len: u64) -> O
             0u32,
         )
     };
-    let pages = offset.saturating_add(len).div_ceil(4096) - offset / 4096;
+    let page = page_size()? as u64;
+    let pages = offset.saturating_add(len).div_ceil(page) - offset / page;
     (rc == 0).then_some(CachedPages { pages, cached: out.nr_cache, dirty: out.nr_dirty })
 }
 
 /// Whether to lend `bytes`, the mapping of `[offset, offset+len)` of the
-/// file open as `fd` (shared), for a write the host fills through the
-/// kernel, getting it ready if so. Only if all its pages are in the page
-/// cache ([`pages_cached`] says why); and unless all are dirty already,
-/// whose entries our own last stores left writable, the page-table
-/// entries are dropped first ([`drop_page_tables`] says why). Without
-/// `cachestat` they are dropped every time.
-pub fn ready_for_mapped_write(fd: std::os::fd::BorrowedFd<'_>, offset: u64, bytes: &mut [u8]) -> bool {
-    match cached_pages(fd, offset, bytes.len() as u64) {
-        Some(c) if c.cached < c.pages => false,
-        Some(c) => {
-            if c.dirty < c.pages {
-                drop_page_tables(bytes);
-            }
-            true
-        }
-        None if !pages_cached(bytes) => false,
-        None => {
-            drop_page_tables(bytes);
-            true
-        }
+/// file open as `fd`, for a write the host fills through the kernel,
+/// getting it ready if so. Only if all its pages are in the page cache
+/// ([`pages_cached`] says why); and unless all are dirty already, the
+/// page-table entries are dropped first ([`drop_page_tables`] says why).
+/// Dirty pages usually have writable entries (our own last stores made
+/// them so); one dirtied by a `pwrite` may still be mapped read-only,
+/// which costs only speed. Without `cachestat` they are dropped every time.
+///
+/// # Safety
+/// As for [`drop_page_tables`]: `bytes` lies in a `MAP_SHARED` mapping of
+/// the file open as `fd`, at `offset`.
+pub unsafe fn ready_for_mapped_write(fd: std::os::fd::BorrowedFd<'_>, offset: u64, bytes: &mut [u8]) -> bool {
+    let cached = cached_pages(fd, offset, bytes.len() as u64);
+    let lend = match cached {
+        Some(c) => c.cached >= c.pages,
+        None => pages_cached(bytes),
+    };
+    if lend && cached.is_none_or(|c| c.dirty < c.pages) {
+        // SAFETY: the caller's contract.
+        unsafe { drop_page_tables(bytes) };
     }
+    lend
 }
 
 #[cfg(test)]
@@ -141,7 +150,8 @@ mod tests {
         // SAFETY: a shared writable mapping of a file only this test uses.
         let mut m = unsafe { memmap2::MmapMut::map_mut(&f) }.unwrap();
         m[5000..5100].fill(7);
-        drop_page_tables(&mut m[4097..9000]);
+        // SAFETY: a shared mapping of a file, as the function requires.
+        unsafe { drop_page_tables(&mut m[4097..9000]) };
         assert!(m[5000..5100].iter().all(|&b| b == 7) && m[4999] == 0 && m[5100] == 0);
         let mut back = [0u8; 100];
         std::os::unix::fs::FileExt::read_exact_at(&f, &mut back, 5000).unwrap();
@@ -163,7 +173,10 @@ mod tests {
         assert_eq!((c.pages, c.cached, c.dirty), (4, 3, 3), "{c:?}");
         // SAFETY: a shared writable mapping of a file only this test uses.
         let mut m = unsafe { memmap2::MmapMut::map_mut(&f) }.unwrap();
-        assert!(!ready_for_mapped_write(f.as_fd(), 0, &mut m[..8192]), "not cached");
-        assert!(ready_for_mapped_write(f.as_fd(), 4096 * 10, &mut m[4096 * 10..4096 * 12]), "cached and dirty");
+        // SAFETY: a shared mapping of the file, at the offsets given.
+        unsafe {
+            assert!(!ready_for_mapped_write(f.as_fd(), 0, &mut m[..8192]), "not cached");
+            assert!(ready_for_mapped_write(f.as_fd(), 4096 * 10, &mut m[4096 * 10..4096 * 12]), "cached and dirty");
+        }
     }
 }

@@ -599,9 +599,12 @@ thread_local! {
     /// Voluntary switches of this thread spent waiting for a client to take
     /// read data that a request's own read sent ([`Conn::data_run`]).
     static CLIENT_WAITS: std::cell::Cell<std::ffi::c_long> = const { std::cell::Cell::new(0) };
-    /// Requests this thread has started, for [`Conn::start_measuring`]'s
-    /// sampling.
-    static REQUESTS_STARTED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    /// Requests of each kind this thread has started, for
+    /// [`Conn::start_measuring`]'s sampling (per kind, so a workload that
+    /// alternates kinds cannot leave one never measured).
+    static REQUESTS_STARTED: [std::cell::Cell<u32>; 3] = const {
+        [std::cell::Cell::new(0), std::cell::Cell::new(0), std::cell::Cell::new(0)]
+    };
 }
 
 /// One request in this many (per thread) is measured for sleeping in the
@@ -931,7 +934,7 @@ impl<'a, W: Write + Send> Conn<'a, W> {
         let part_min = LEND_WRITE_MIN.max(block);
         // Only a plain socket's reads fill lent memory through the kernel
         // (under TLS the plaintext is copied from rustls's buffer).
-        let kernel_fill = self.plain.is_some() && crate::transport::can_fill_lent();
+        let kernel_fill = reader.get_mut().fills_through_kernel() && crate::transport::can_fill_lent();
         let (mut done, mut waited, mut slept, mut measured) = (0, false, false, false);
         while done < len {
             let want = len - done;
@@ -959,7 +962,7 @@ impl<'a, W: Write + Send> Conn<'a, W> {
                 continue;
             }
             let (mut taken, mut short, mut unwritable, mut broken, mut sunk) = (0, false, false, None, false);
-            let start = self.start_measuring();
+            let start = self.start_measuring(CMD_WRITE);
             measured |= start.is_some();
             let (at, last) = (req.offset + done as u64, done + n == len);
             let r = self.layer.write_lend(n as u64, at, fua, last, kernel_fill, &mut |pieces| {
@@ -1077,11 +1080,12 @@ impl<'a, W: Write + Send> Conn<'a, W> {
 
     /// Where a request's measurement starts (parallel pipelines only, one
     /// request in [`MEASURE_EVERY`]).
-    fn start_measuring(&self) -> Option<std::ffi::c_long> {
+    fn start_measuring(&self, command: u16) -> Option<std::ffi::c_long> {
         if !self.parallel {
             return None;
         }
         let n = REQUESTS_STARTED.with(|c| {
+            let c = &c[kind(command)];
             let n = c.get();
             c.set(n.wrapping_add(1));
             n
@@ -1340,7 +1344,7 @@ impl<'a, W: Write + Send> Conn<'a, W> {
             out.error(req, &e, None, true);
             return true;
         }
-        let start = self.start_measuring();
+        let start = self.start_measuring(req.command);
         let fua = req.flags & CMD_FLAG_FUA != 0;
         let result = match req.command {
             CMD_READ => {
@@ -1706,7 +1710,7 @@ impl<'a, W: Write + Send> Conn<'a, W> {
     }
 
     fn piece(&self, read: &SplitRead, offset: u64, len: usize, out: &mut OutBuf) -> io::Result<()> {
-        let start = self.start_measuring();
+        let start = self.start_measuring(CMD_READ);
         if let Err(e) = out.data(self.layer, &read.req, offset, len, false) {
             self.log_failure(&read.req, &e);
             out.error(&read.req, &e, Some(offset), false);

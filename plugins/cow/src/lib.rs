@@ -442,6 +442,10 @@ impl FilterLendWrite for CowHandle {
         if !flags.kernel_fill() {
             return Err(Error::unsupported("cow: the host would fill the overlay mapping with plain stores"));
         }
+        if !self.ov.is_mapped() {
+            // A persistent overlay: no locks taken to find that out.
+            return Err(Error::unsupported("cow: this overlay is not mapped"));
+        }
         let mut whole = Vec::new();
         for p in self.pieces(offset, count) {
             if p.len == p.block_len {
@@ -461,6 +465,8 @@ impl FilterLendWrite for CowHandle {
         for b in whole {
             self.ov.mark_data(b);
         }
+        // Not holding the blocks' locks across a FUA's fdatasync.
+        drop(_locks);
         self.sync_if(flags)
     }
 }

@@ -159,7 +159,9 @@ impl Overlay {
         // and never shrinks, and a store to a hole the filesystem has no
         // room for is EFAULT for that write.
         let bytes = unsafe { std::slice::from_raw_parts_mut(p, len as usize) };
-        nbdhost_plugin_api::ready_for_mapped_write(std::os::fd::AsFd::as_fd(&self.data), offset, bytes).then_some(bytes)
+        let fd = std::os::fd::AsFd::as_fd(&self.data);
+        // SAFETY: `bytes` is the shared mapping of the overlay file at `offset`.
+        unsafe { nbdhost_plugin_api::ready_for_mapped_write(fd, offset, bytes) }.then_some(bytes)
     }
 
     /// Mark block `i`, whose whole data was just written, as DATA.

@@ -12,7 +12,8 @@
 //!   copying them into a buffer first (see [`Segment::lendable`] for what
 //!   keeps a file that shrinks from faulting);
 //! * large writes to regular files are received into the same (writable)
-//!   mapping (ABI 1.2 `pwrite_lend`), one copy from the socket into the
+//!   mapping (ABI 1.2 `pwrite_lend`, with 1.5's declines and
+//!   `FLAG_KERNEL_FILL`), one copy from the socket into the
 //!   page cache instead of two (socket to buffer, buffer to page cache);
 //!   only where the host fills it through the kernel and the pages are
 //!   already cached (see [`Segment::lendable_for_write`]), otherwise it
@@ -181,7 +182,8 @@ impl Segment {
         // undefined, as for two `pwrite`s) cannot be miscompiled, and a
         // fault is EFAULT for this write, not a SIGBUS.
         let bytes = unsafe { std::slice::from_raw_parts_mut(p, l as usize) };
-        ready_for_mapped_write(self.file.file.as_fd(), o, bytes).then_some(bytes)
+        // SAFETY: `bytes` is the shared mapping of this file at `o`.
+        unsafe { ready_for_mapped_write(self.file.file.as_fd(), o, bytes) }.then_some(bytes)
     }
 }
 
