@@ -442,10 +442,11 @@ impl FilterLendWrite for CowHandle {
         if !flags.kernel_fill() {
             return Err(Error::unsupported("cow: the host would fill the overlay mapping with plain stores"));
         }
-        if !self.ov.is_mapped() {
-            // A persistent overlay: no locks taken to find that out.
-            return Err(Error::unsupported("cow: this overlay is not mapped"));
-        }
+        // Before any lock: a persistent overlay (not mapped) or uncached
+        // pages decline without waiting for anyone.
+        let Some(mem) = self.ov.lendable_for_write(offset, count) else {
+            return Err(Error::unsupported("cow: overlay not mapped, or its pages not cached"));
+        };
         let mut whole = Vec::new();
         for p in self.pieces(offset, count) {
             if p.len == p.block_len {
@@ -457,16 +458,13 @@ impl FilterLendWrite for CowHandle {
         let mut stripes: Vec<usize> = whole.iter().map(|&b| self.ov.stripe_of(b)).collect();
         stripes.sort_unstable();
         stripes.dedup();
-        let _locks: Vec<_> = stripes.into_iter().map(|s| self.ov.lock_stripe(s)).collect();
-        let Some(mem) = self.ov.lendable_for_write(offset, count) else {
-            return Err(Error::unsupported("cow: overlay not mapped, or its pages not cached"));
-        };
+        let locks: Vec<_> = stripes.into_iter().map(|s| self.ov.lock_stripe(s)).collect();
         sink(&mut [mem])?;
         for b in whole {
             self.ov.mark_data(b);
         }
         // Not holding the blocks' locks across a FUA's fdatasync.
-        drop(_locks);
+        drop(locks);
         self.sync_if(flags)
     }
 }

@@ -161,11 +161,10 @@ impl Segment {
     }
 
     /// The mapped bytes `[o, o+l)` of this file, to lend for a write: only
-    /// if the mapping is writable, the file covers the range and all its
-    /// pages are in the page cache. Writing an uncached page through a
-    /// mapping first reads it from disk (a `pwrite` of whole pages does
-    /// not), so a write to cold parts of a large image declines and goes
-    /// through `pwrite`.
+    /// if the mapping is writable, the file covers the range and
+    /// [`ready_for_mapped_write`] says yes (all its pages in the page
+    /// cache, read-only page-table entries dropped), so a write to cold
+    /// parts of a large image declines and goes through `pwrite`.
     #[allow(clippy::mut_from_ref)]
     fn lendable_for_write(&self, o: u64, l: u64) -> Option<&mut [u8]> {
         if !self.file.writable {
@@ -174,8 +173,8 @@ impl Segment {
         let p = self.mapped(o, l)?;
         // SAFETY: `p..p+l` lies inside the writable mapping (checked by
         // `mapped`), alive as long as `self`. The slice goes only to
-        // `pages_cached` (which hands its address to the kernel) and to the
-        // host, which fills it only through the kernel (the caller checks
+        // `ready_for_mapped_write` (which hands its address to the kernel)
+        // and to the host, which fills it only through the kernel (the caller checks
         // `FLAG_KERNEL_FILL`): no code of this process loads or stores
         // through it, so another request lending an overlapping range at
         // the same time (overlapping writes in flight, which NBD leaves
